@@ -1,0 +1,137 @@
+"""The LightningModule: a frozen teacher and a trainable student, loss = lambda_ce * CE + lambda_kd * KD."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from transformers import MusicgenForConditionalGeneration
+
+from tinymusician.distill.divergences import forward_kl
+from tinymusician.distill.losses import DistillationLoss
+from tinymusician.models.delay import delay_pattern
+from tinymusician.models.musicgen import decoder_logits, encode_text, freeze
+
+
+def per_codebook_ce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy ``[K]``: mean over valid positions of each codebook (logits ``[B, K, T, V]``)."""
+    vocab = logits.shape[-1]
+    labels = labels.masked_fill(~valid, 0)  # pad id may be == V; masked out below anyway
+    ce = F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), reduction="none")
+    ce = ce.reshape(valid.shape) * valid
+    return ce.sum(dim=(0, 2)) / valid.sum(dim=(0, 2)).clamp_min(1)
+
+
+class DistillationModule(L.LightningModule):
+    """Trains ``student``'s decoder against the codes (CE) and the ``teacher``'s distributions (KD).
+
+    The teacher is held outside the module tree on purpose: it is never optimised, never moved by
+    accident into the student's checkpoint, and ``state_dict()`` holds the student only. The text encoder and
+    audio codec are shared and frozen; T5 runs once per batch and feeds both decoders.
+    """
+
+    def __init__(
+        self,
+        student: MusicgenForConditionalGeneration,
+        loss: DistillationLoss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        teacher: MusicgenForConditionalGeneration | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        cond_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if loss.requires_teacher and teacher is None:
+            raise ValueError(f"loss {type(loss).__name__} distils from a teacher, but model.teacher is null")
+        self.student = student
+        freeze(student.text_encoder)
+        freeze(student.audio_encoder)
+        object.__setattr__(self, "teacher", freeze(teacher) if teacher is not None else None)
+        self.loss_fn = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.cond_dropout = cond_dropout
+        self.pad_token_id = student.config.decoder.pad_token_id
+        self.num_codebooks = student.config.decoder.num_codebooks
+
+    # --- plumbing -------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> DistillationModule:
+        super().train(mode)
+        self.student.text_encoder.eval()  # frozen parts keep eval mode (no T5 dropout)
+        self.student.audio_encoder.eval()
+        return self
+
+    def setup(self, stage: str) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self.setup("fit")
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(
+            optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @property
+    def progress(self) -> float:
+        """Training progress in [0, 1]; from the global step, so a resumed run resumes the KD schedule."""
+        if self._trainer is None:
+            return 0.0
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        return min(self.global_step / total, 1.0)
+
+    # --- forward --------------------------------------------------------------------------------------
+    def forward_batch(self, batch: dict[str, torch.Tensor], with_teacher: bool) -> dict[str, torch.Tensor]:
+        """Delay the codes, encode the text once, run student (and teacher): logits ``[B, K, T, V]``."""
+        delayed = delay_pattern(batch["codes"], self.pad_token_id, batch.get("lengths"))
+        text_mask = batch["attention_mask"]
+        with torch.no_grad():
+            text_hidden = encode_text(self.student, batch["input_ids"], text_mask)
+        if self.training and self.cond_dropout > 0:
+            # Classifier-free guidance needs the null condition: drop whole captions, as MusicGen does.
+            keep = torch.rand(text_mask.shape[0], device=text_mask.device) >= self.cond_dropout
+            text_mask = text_mask * keep[:, None].to(text_mask.dtype)
+        out = {"labels": delayed.labels, "valid": delayed.valid}
+        out["student"] = decoder_logits(self.student, text_hidden, text_mask, delayed.inputs)
+        if with_teacher and self.teacher is not None:
+            with torch.no_grad():
+                out["teacher"] = decoder_logits(self.teacher, text_hidden, text_mask, delayed.inputs)
+        return out
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.forward_batch(batch, with_teacher=self.loss_fn.requires_teacher)
+        ce_q = per_codebook_ce(out["student"], out["labels"], out["valid"])
+        ce = ce_q.mean()
+        kd = self.loss_fn(out["student"], out.get("teacher"), out["valid"], self.progress)
+        loss = self.loss_fn.lambda_ce * ce + self.loss_fn.lambda_kd * kd.value
+        batch_size = batch["codes"].shape[0]
+        logs = {"train/loss": loss.detach(), "train/ce": ce.detach(), "train/kd": kd.value.detach()}
+        logs.update({f"train/ce_q{k}": v for k, v in enumerate(ce_q.detach())})
+        logs.update({f"train/kd_q{k}": v for k, v in enumerate(kd.per_codebook.detach())})
+        logs.update({f"train/{name}": float(value) for name, value in kd.logs.items()})
+        self.log_dict(logs, batch_size=batch_size)
+        self.log("train/loss_step", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self.forward_batch(batch, with_teacher=True)
+        ce_q = per_codebook_ce(out["student"], out["labels"], out["valid"])
+        batch_size = batch["codes"].shape[0]
+        logs = {"val/ce": ce_q.mean()}
+        logs.update({f"val/ce_q{k}": v for k, v in enumerate(ce_q)})
+        if "teacher" in out:
+            # KL(teacher || student) at T=1: how close the student is to the teacher, whatever the loss.
+            logs["val/kl_to_teacher"] = forward_kl(out["student"], out["teacher"], out["valid"])
+            logs["val/teacher_ce"] = per_codebook_ce(out["teacher"], out["labels"], out["valid"]).mean()
+        self.log_dict(logs, batch_size=batch_size, prog_bar=False)
+        self.log("val/ce_bar", logs["val/ce"], prog_bar=True, logger=False, batch_size=batch_size)

@@ -1,0 +1,144 @@
+"""Loading MusicGen (hub id or local dir, real or tiny) and running it in the ``[B, K, T]`` layout.
+
+This is the one place that converts to and from Hugging Face's ``(B*K, T)`` decoder layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, MusicgenForConditionalGeneration, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class ModelSourceError(RuntimeError):
+    """A model id or directory that cannot be used; the message says how to fix it."""
+
+
+def looks_like_path(name_or_path: str) -> bool:
+    """Local directories are written as paths; anything else is a hub id like ``facebook/musicgen-small``."""
+    return (
+        name_or_path.startswith(("/", ".", "~"))
+        or name_or_path.count("/") > 1
+        or Path(name_or_path).expanduser().exists()
+    )
+
+
+def check_model_source(name_or_path: str, key: str) -> None:
+    """Fail fast (before any weights load) when ``name_or_path`` is neither a model dir nor a reachable hub id.
+
+    Only ``config.json`` is fetched, so this is cheap online and instant offline.
+    """
+    path = Path(name_or_path).expanduser()
+    if looks_like_path(name_or_path):
+        if not path.is_dir():
+            raise ModelSourceError(
+                f"{key}={name_or_path!r}: local model directory does not exist. Point {key} at a directory "
+                "written by `save_pretrained` (config.json + model.safetensors), or at a hub id."
+            )
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(
+                f"{key}={name_or_path!r}: directory has no config.json, so it is not a saved model. "
+                "Save one with `model.save_pretrained(dir)`."
+            )
+        return
+    try:
+        AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise ModelSourceError(
+            f"{key}={name_or_path!r}: cannot load this model from the Hugging Face hub"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ' (no network or unknown id)'}. To run offline, download "
+            f"it once on a machine with internet (`hf download {name_or_path}`) into HF_HOME, or save it to a "
+            f"directory and pass {key}=/path/to/dir; or use the embedded default `model=tiny`. Cause: {err}"
+        ) from err
+
+
+def load_musicgen(
+    name_or_path: str, *, dtype: str | torch.dtype | None = None
+) -> MusicgenForConditionalGeneration:
+    """Load a MusicGen model (hub id or ``save_pretrained`` dir) with real attention masks.
+
+    Built from the saved ``MusicgenConfig`` (never from sub-model instances), so the decoder gets a real
+    causal mask and padded text is masked (REFERENCES.md pitfall; tests/models check both).
+    """
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    model = MusicgenForConditionalGeneration.from_pretrained(
+        str(Path(name_or_path).expanduser()) if looks_like_path(name_or_path) else name_or_path,
+        dtype=torch_dtype or torch.float32,
+    )
+    return model
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The text tokenizer saved beside a MusicGen model (T5's for the hub models)."""
+    return AutoTokenizer.from_pretrained(
+        str(Path(name_or_path).expanduser()) if looks_like_path(name_or_path) else name_or_path
+    )
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode and no gradients: for the teacher and for the student's frozen text encoder / codec."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def encode_text(
+    model: MusicgenForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Raw T5 hidden states ``[B, S, D_text]`` (padding zeroed); shared by teacher and student."""
+    hidden = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return hidden * attention_mask[..., None].to(hidden.dtype)
+
+
+def decoder_logits(
+    model: MusicgenForConditionalGeneration,
+    text_hidden: torch.Tensor,
+    text_mask: torch.Tensor,
+    inputs: torch.Tensor,
+) -> torch.Tensor:
+    """Teacher-forced logits ``[B, K, T, V]`` for delayed ``inputs [B, K, T]`` given raw T5 states.
+
+    The projection input is cast to the decoder's dtype so an fp16/bf16 decoder accepts fp32 T5 states.
+    """
+    batch, num_codebooks, length = inputs.shape
+    proj = getattr(model, "enc_to_dec_proj", None)
+    dtype = model.decoder.dtype
+    hidden = text_hidden.to(dtype)
+    if proj is not None:
+        hidden = proj(hidden.to(proj.weight.dtype)).to(dtype)
+    hidden = hidden * text_mask[..., None].to(hidden.dtype)
+    out = model.decoder(
+        input_ids=inputs.reshape(batch * num_codebooks, length),
+        encoder_hidden_states=hidden,
+        encoder_attention_mask=text_mask,
+        use_cache=False,
+    )
+    return out.logits.reshape(batch, num_codebooks, length, -1)
+
+
+def codec_encode(model: MusicgenForConditionalGeneration, audio: torch.Tensor) -> torch.Tensor:
+    """Mono audio ``[B, samples]`` at the codec's rate -> codes ``[B, K, T]``."""
+    codes = model.audio_encoder.encode(audio[:, None, :]).audio_codes  # [frames=1, B, K, T]
+    return codes[0]
+
+
+def codec_decode(model: MusicgenForConditionalGeneration, codes: torch.Tensor) -> torch.Tensor:
+    """Codes ``[B, K, T]`` -> audio ``[B, samples]``."""
+    audio = model.audio_encoder.decode(codes[None], [None]).audio_values
+    return audio[:, 0]
