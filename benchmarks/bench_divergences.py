@@ -3,9 +3,10 @@
 Shapes are MusicGen-Small-sized logits (B=4, K=4, T=500, V=2048, fp32) on CPU. Reported per method:
 - time: median wall time of forward + backward over ``--repeats`` runs, methods interleaved round-robin so
   drift (thermal, other load) hits all of them alike;
-- peak: increase of the process's peak resident memory (ru_maxrss) during one forward + backward, measured
-  in a fresh subprocess per method after the inputs are allocated: every temporary counts, not just what
-  autograd keeps; each logits tensor is 131 MB, so this is dominated by [B, K, T, V] buffers;
+- peak: how far one forward + backward raises the process's resident memory above its level just before
+  (VmHWM after resetting it via /proc/self/clear_refs, Linux), in a fresh subprocess per method after the
+  inputs exist and one warm-up step: every temporary counts, not just what autograd keeps, and so does
+  the student's gradient itself (one logits-sized tensor, 62.5 MiB);
 - saved: bytes autograd keeps for the backward pass (saved_tensors_hooks), the memory that stays alive
   between the forward and backward passes of a training step.
 stage_mixed is measured at progress 0.45 (inside the transition), the only stage that needs both terms.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,7 +44,9 @@ def _autograd_fkl(student, teacher, valid):
 def _methods() -> dict:
     stage_mixed = build_loss("stage_mixed")
     methods = {name: fn for name, fn in div.DIVERGENCES.items()}
-    methods["skl+srkl pair"] = lambda s, t, v: sum(div.skewed_kl_pair(s, t, v))
+    methods["skl + srkl (2 calls)"] = lambda s, t, v: (
+        div.skewed_forward_kl(s, t, v) + div.skewed_reverse_kl(s, t, v)
+    )
     methods["stage_mixed"] = lambda s, t, v: stage_mixed(s, t, v, 0.45).value
     methods["fkl (plain autograd)"] = _autograd_fkl
     return methods
@@ -79,16 +81,26 @@ def _saved_bytes(fn, student, teacher, valid) -> int:
     return sum(seen.values())
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _peak_child(name: str) -> None:
-    """Subprocess entry: print the ru_maxrss increase (bytes) of one forward + backward of ``name``."""
+    """Subprocess entry: print how far one forward + backward of ``name`` raises resident memory (bytes)."""
     fn = _methods()[name]
     student, teacher, valid = _inputs()
-    student.grad = torch.zeros_like(student)  # the gradient buffer is not the divergence's cost
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = fn(student, teacher, valid)
-    out.backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak": (after - before) * 1024}))  # ru_maxrss is in KiB on Linux
+    _step(fn, student, teacher, valid)  # warm-up: lazy initialisation is not the method's cost
+    student.grad = None
+    # Reset the high-water mark (VmHWM) to the current RSS; Linux-only, like ru_maxrss semantics.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    _step(fn, student, teacher, valid)
+    print(json.dumps({"peak": (_status_kib("VmHWM") - before) * 1024}))
 
 
 def main() -> None:
@@ -126,10 +138,12 @@ def main() -> None:
     ref = "fkl"
     mb = 2**20
     print(
-        f"logits {SHAPE} fp32 ({student.numel() * 4 / mb:.0f} MB each), {torch.get_num_threads()} threads, "
+        f"logits {SHAPE} fp32 ({student.numel() * 4 / mb:.1f} MiB each), {torch.get_num_threads()} threads, "
         f"median of {args.repeats}, forward+backward"
     )
-    header = f"{'method':<22}{'time ms':>9}{'x fkl':>7}{'peak MB':>9}{'x fkl':>7}{'saved MB':>10}{'x fkl':>7}"
+    header = (
+        f"{'method':<22}{'time ms':>9}{'x fkl':>7}{'peak MiB':>9}{'x fkl':>7}{'saved MiB':>10}{'x fkl':>7}"
+    )
     print(header)
     print("-" * len(header))
     for name in methods:

@@ -119,12 +119,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     }
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
-    metrics = {
-        **{f"before/{k}": v for k, v in before.items()},
-        **after,
-        **scalar_metrics(trainer.callback_metrics),
-    }
-    metrics.update(after)
+    metrics = {**{f"before/{k}": v for k, v in before.items()}, **module.last_train_logs, **after}
     return metrics, {
         "cfg": cfg,
         "module": module,

@@ -13,6 +13,7 @@ log-softmax / exp / logaddexp intermediates. The teacher is a constant target: n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -41,16 +42,18 @@ REDUCTIONS = ("mean", "none", "codebook")
 # every 0 * log(0) term is an honest 0 instead of NaN.
 _LOGIT_FLOOR = -1.0e4
 
-# Rows of [N, V] are processed in chunks of about this many elements: the temporaries of a chunk stay in
-# cache and are recycled by the allocator, so a kernel's many elementwise steps cost no extra
-# [B, K, T, V] buffers (and no page faults on CPU).
-_CHUNK_ELEMENTS = 1 << 20
+# Rows of [N, V] are processed in chunks of about this many elements (per device type): the temporaries
+# of a chunk are small and recycled by the allocator, so a kernel's many elementwise steps cost no extra
+# [B, K, T, V] buffers (and on CPU no page faults); much smaller chunks pay per-op thread-pool overhead.
+_CHUNK_ELEMENTS = {"cpu": 1 << 22}
+_CHUNK_ELEMENTS_DEFAULT = 1 << 24  # accelerators: fewer, larger kernels
 
-# A kernel maps (log_q, log_p, need_grad, **params) of one chunk ([n, V] fp32) to
-# ((value, *extras), grad): per-row values [n] (only the first is differentiable; extras are logged
-# quantities) and the gradient of the value w.r.t. the scaled student logits u = student / T
-# ([n, V], None when need_grad is False).
-Kernel = Callable[..., tuple[tuple[torch.Tensor, ...], torch.Tensor | None]]
+_AKL_TOPK = 64
+
+# A kernel maps (log_q, log_p, grad_out, **params) of one chunk ([n, V] fp32) to per-row values
+# (value, *extras), each [n]; only the value is differentiable, extras are logged quantities. When grad_out
+# ([n, V]) is given, the kernel writes d(value)/du into it, u = student / T the scaled student logits.
+Kernel = Callable[..., tuple[torch.Tensor, ...]]
 
 
 def _log_probs(logits: torch.Tensor, valid: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -59,168 +62,185 @@ def _log_probs(logits: torch.Tensor, valid: torch.Tensor, temperature: float) ->
     Invalid positions may hold anything (padding garbage, NaN, all -inf rows); replacing them before the
     softmax keeps NaN out of both the value and the gradient.
     """
-    x = (
-        logits.float() / temperature
-        if temperature != 1.0 or logits.dtype != torch.float32
-        else logits.clone()
-    )
-    x.clamp_(min=_LOGIT_FLOOR)
+    if temperature != 1.0 or logits.dtype != torch.float32:
+        x = logits.float().div_(temperature) if logits.dtype != torch.float32 else logits / temperature
+        x.clamp_(min=_LOGIT_FLOOR)
+    else:
+        x = logits.clamp(min=_LOGIT_FLOOR)
     x.masked_fill_(~valid.unsqueeze(-1), 0.0)
     return torch.log_softmax(x, dim=-1)
 
 
-def _rowsum(x: torch.Tensor) -> torch.Tensor:
-    return x.sum(-1)
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a * b per row, without a product temporary."""
+    return torch.linalg.vecdot(a, b)
 
 
-def _centre(qg: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Softmax Jacobian: from q * dF/dq to dF/du = q*g - q * sum(q*g) (in place on ``qg``)."""
-    return qg.sub_(q * qg.sum(-1, keepdim=True))
+def _centre(qg: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> None:
+    """Softmax Jacobian: dF/du = q*g - q * sum(q*g), from qg = q * dF/dq, written into ``out``."""
+    torch.sub(qg, q * qg.sum(-1, keepdim=True), out=out)
 
 
-class _LogRatio:
-    """d = log p - log q with z = exp(-|d|), shared by every mixture of p and q at one position.
+def _log_mix(x: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w e^x + (1 - w)) for 0 < w < 1: how mixtures of p and q enter, relative to one side.
 
-    For a mixture m_w = w p + (1-w) q with 0 < w < 1, m_w / q = exp(relu(d)) * den_w where
-    den_w = w s_p + (1-w) s_q, (s_p, s_q) = (1, z) if d > 0 else (z, 1). This is logaddexp written out:
-    den_w >= min(w, 1-w) > 0, so log m_w is finite even where p and q both underflow to 0, and one exp
-    serves every mixture weight (stage_mixed needs two). p / m_w = s_p / den_w and q / m_w = s_q / den_w
-    follow without another exp and are bounded by 1 / w and 1 / (1-w).
+    This is logaddexp(log w + x, log(1-w)) = log(1-w) + softplus(x + log(w / (1-w))) (softplus(t) is
+    logaddexp(0, t)): in log space it is finite even where both probabilities underflow to 0, unlike
+    log(w p + (1-w) q).
+    """
+    return torch.nn.functional.softplus(x + math.log(w / (1.0 - w))).add_(math.log1p(-w))
+
+
+def _fkl_kernel(log_q, log_p, grad_out):
+    p = log_p.exp()
+    value = _dot(p, log_p - log_q)
+    if grad_out is not None:
+        torch.sub(log_q.exp(), p, out=grad_out)
+    return (value,)
+
+
+def _rkl_kernel(log_q, log_p, grad_out):
+    q = log_q.exp()
+    qr = (log_q - log_p).mul_(q)
+    value = qr.sum(-1)
+    if grad_out is not None:
+        _centre(qr, q, grad_out)
+    return (value,)
+
+
+def _zero_kernel(log_q, log_p, grad_out):
+    """A skewed divergence at a = 1 (or a JSD at b in {0, 1}) compares a distribution with itself."""
+    if grad_out is not None:
+        grad_out.zero_()
+    return (log_q.new_zeros(log_q.shape[:-1]),)
+
+
+# Skewed KLs, 0 < a < 1, with d = log p - log q and k = log((1-a) / a):
+#   SKL_a  = KL(p || a p + (1-a) q) = -sum p l1, l1 = log(m1 / p) = log a + softplus(k - d)
+#   SRKL_a = KL(q || (1-a) p + a q) = -sum q l2, l2 = log(m2 / q) = log a + softplus(k + d)
+# (the logaddexp form of the log-space mixture). Their gradients need p / m1 = (1 - sigmoid(k - d)) / a and
+# q / m2 = (1 - sigmoid(k + d)) / a, so no further exp. The parts return g with q * dF/dq = g + c q for a
+# constant c: the softmax Jacobian (_centre) maps any c q to 0, so constants are left out.
+
+
+def _skl_parts(d, p, q, alpha, need_grad):
+    """SKL value and g, q * dSKL/dq = -(1-a) q p / m1 = (1-a)/a q sigmoid(k - d) - (1-a)/a q."""
+    t = torch.rsub(d, math.log((1.0 - alpha) / alpha))
+    l1 = torch.nn.functional.softplus(t).add_(math.log(alpha))
+    value = -_dot(p, l1)
+    g = t.sigmoid_().mul_(q).mul_((1.0 - alpha) / alpha) if need_grad else None
+    return value, g
+
+
+def _srkl_parts(d, q, alpha, need_grad):
+    """SRKL value and g, q * dSRKL/dq = q (-l2 + 1 - a q / m2) = q (sigmoid(k + d) - l2)."""
+    t = d + math.log((1.0 - alpha) / alpha)
+    l2 = torch.nn.functional.softplus(t).add_(math.log(alpha))
+    value = -_dot(q, l2)
+    g = t.sigmoid_().sub_(l2).mul_(q) if need_grad else None
+    return value, g
+
+
+def _skl_kernel(log_q, log_p, grad_out, alpha):
+    if alpha == 0.0:
+        return _fkl_kernel(log_q, log_p, grad_out)
+    if alpha == 1.0:
+        return _zero_kernel(log_q, log_p, grad_out)
+    q, p = log_q.exp(), log_p.exp()
+    value, qg = _skl_parts(log_p - log_q, p, q, alpha, grad_out is not None)
+    if grad_out is not None:
+        _centre(qg, q, grad_out)
+    return (value,)
+
+
+def _srkl_kernel(log_q, log_p, grad_out, alpha):
+    if alpha == 0.0:
+        return _rkl_kernel(log_q, log_p, grad_out)
+    if alpha == 1.0:
+        return _zero_kernel(log_q, log_p, grad_out)
+    q = log_q.exp()
+    value, qg = _srkl_parts(log_p - log_q, q, alpha, grad_out is not None)
+    if grad_out is not None:
+        _centre(qg, q, grad_out)
+    return (value,)
+
+
+def _mix_kernel(log_q, log_p, grad_out, alpha, w_fwd):
+    """w SKL_a + (1-w) SRKL_a with both terms as extras, from one softmax pair and one centring."""
+    if alpha == 0.0:
+        skl, srkl = _fkl_kernel(log_q, log_p, None)[0], _rkl_kernel(log_q, log_p, None)[0]
+        if grad_out is not None:  # q - p and q (r - RKL), r = log q - log p
+            q, p = log_q.exp(), log_p.exp()
+            qg = (log_q - log_p).mul_(q).mul_(1.0 - w_fwd).sub_(p, alpha=w_fwd)
+            _centre(qg, q, grad_out)  # the centring of -w p is -w p + w q: exactly FKL's gradient
+    else:
+        need_grad = grad_out is not None
+        q, p = log_q.exp(), log_p.exp()
+        d = log_p - log_q
+        skl, qg_skl = _skl_parts(d, p, q, alpha, need_grad)
+        srkl, qg_srkl = _srkl_parts(d, q, alpha, need_grad)
+        if need_grad:  # both are still q * dF/dq: centre their weighted sum once
+            _centre(qg_skl.mul_(w_fwd).add_(qg_srkl, alpha=1.0 - w_fwd), q, grad_out)
+    value = skl * w_fwd + srkl * (1.0 - w_fwd)
+    return value, skl, srkl
+
+
+def _jsd_kernel(log_q, log_p, grad_out, beta):
+    if beta in (0.0, 1.0):  # the mixture equals one side: both terms vanish
+        return _zero_kernel(log_q, log_p, grad_out)
+    q, p = log_q.exp(), log_p.exp()
+    d = log_p - log_q
+    log_mq = _log_mix(d, beta)  # log(m / q), m = b p + (1-b) q
+    # b sum p (d - log(m/q)) + (1-b) sum q (-log(m/q))
+    value = _dot(p, d.sub_(log_mq)).mul_(beta)
+    # dJSD/dq = (1-b) log(q / m): the mixture's own terms cancel exactly.
+    qh = log_mq.mul_(q).mul_(-(1.0 - beta))
+    value.add_(qh.sum(-1))
+    if grad_out is not None:
+        _centre(qh, q, grad_out)
+    return (value,)
+
+
+def _akl_threshold(p: torch.Tensor, mu: float) -> torch.Tensor:
+    """Smallest teacher probability in the head, per row ([n, 1]); the head is every token with p >= it.
+
+    A full sort of V entries per position is the cost of AKL, so look in the top 64 first: the head ends
+    there whenever those tokens hold more than mu of the mass (a peaked teacher); only flatter rows get
+    sorted in full.
     """
 
-    def __init__(self, log_q: torch.Tensor, log_p: torch.Tensor) -> None:
-        self.d = log_p - log_q
-        self.pos = self.d > 0
-        z = self.d.abs().neg_().exp_()
-        self.s_p = torch.where(self.pos, 1.0, z)
-        self.s_q = torch.where(self.pos, z, 1.0)
-        self.relu_d = self.d.clamp(min=0.0)
+    def threshold(sorted_p: torch.Tensor) -> torch.Tensor:
+        n_head = (sorted_p.cumsum(-1) <= mu).sum(-1, keepdim=True).clamp_(min=1)  # top-1 always in the head
+        return sorted_p.gather(-1, n_head - 1)
 
-    def mixture(self, w: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log(m_w / q), den_w) for 0 < w < 1."""
-        den = self.s_p * w
-        den.add_(self.s_q, alpha=1.0 - w)
-        return den.log().add_(self.relu_d), den
-
-
-def _fkl(log_q, log_p, q, p, need_grad):
-    value = _rowsum((log_p - log_q).mul_(p))
-    return value, (q - p if need_grad else None)
-
-
-def _rkl(log_q, log_p, q, need_grad):
-    qr = (log_q - log_p).mul_(q)
-    value = _rowsum(qr)
-    return value, (_centre(qr, q) if need_grad else None)
-
-
-def _skl(ratio: _LogRatio, q, p, alpha, need_grad):
-    """SKL_a = KL(p || a p + (1-a) q) = sum p (d - log(m/q)); dSKL/dq = -(1-a) p / m."""
-    log_mq, den = ratio.mixture(alpha)
-    value = _rowsum((ratio.d - log_mq).mul_(p))
-    qg = ratio.s_p.div(den).mul_(q).mul_(-(1.0 - alpha)) if need_grad else None
-    return value, qg
-
-
-def _srkl(ratio: _LogRatio, q, alpha, need_grad):
-    """SRKL_a = KL(q || (1-a) p + a q) = -sum q log(m/q); dSRKL/dq = log(q/m) + 1 - a q / m."""
-    log_mq, den = ratio.mixture(1.0 - alpha)
-    qh = log_mq.mul_(q).neg_()
-    value = _rowsum(qh)
-    if need_grad:  # the +1 cancels in the softmax Jacobian
-        qh.sub_(ratio.s_q.div(den).mul_(q).mul_(alpha))
-    return value, (qh if need_grad else None)
-
-
-def _fkl_kernel(log_q, log_p, need_grad):
-    value, grad = _fkl(log_q, log_p, log_q.exp(), log_p.exp(), need_grad)
-    return (value,), grad
-
-
-def _rkl_kernel(log_q, log_p, need_grad):
-    value, grad = _rkl(log_q, log_p, log_q.exp(), need_grad)
-    return (value,), grad
-
-
-def _zero_kernel(log_q, log_p, need_grad):
-    """A skewed divergence at a = 1 compares a distribution with itself."""
-    return (log_q.new_zeros(log_q.shape[:-1]),), (torch.zeros_like(log_q) if need_grad else None)
-
-
-def _skl_kernel(log_q, log_p, need_grad, alpha):
-    if alpha == 0.0:
-        return _fkl_kernel(log_q, log_p, need_grad)
-    if alpha == 1.0:
-        return _zero_kernel(log_q, log_p, need_grad)
-    q = log_q.exp()
-    value, qg = _skl(_LogRatio(log_q, log_p), q, log_p.exp(), alpha, need_grad)
-    return (value,), (_centre(qg, q) if need_grad else None)
-
-
-def _srkl_kernel(log_q, log_p, need_grad, alpha):
-    if alpha == 0.0:
-        return _rkl_kernel(log_q, log_p, need_grad)
-    if alpha == 1.0:
-        return _zero_kernel(log_q, log_p, need_grad)
-    q = log_q.exp()
-    value, qg = _srkl(_LogRatio(log_q, log_p), q, alpha, need_grad)
-    return (value,), (_centre(qg, q) if need_grad else None)
-
-
-def _mix_kernel(log_q, log_p, need_grad, alpha, w_fwd):
-    """w SKL_a + (1-w) SRKL_a, plus both terms as extras, from one softmax pair and one exp(-|d|)."""
-    q, p = log_q.exp(), log_p.exp()
-    if alpha == 0.0:
-        (skl, g_skl), (srkl, g_srkl) = _fkl(log_q, log_p, q, p, need_grad), _rkl(log_q, log_p, q, need_grad)
-    else:
-        ratio = _LogRatio(log_q, log_p)
-        (skl, g_skl), (srkl, g_srkl) = _skl(ratio, q, p, alpha, need_grad), _srkl(ratio, q, alpha, need_grad)
-        if need_grad:  # both are still q * dF/dq here: centre their sum once
-            g_srkl = _centre(g_srkl.mul_(1.0 - w_fwd).add_(g_skl, alpha=w_fwd), q)
-            g_skl = None
-    value = skl * w_fwd + srkl * (1.0 - w_fwd)
-    grad = None
-    if need_grad:
-        grad = g_srkl if g_skl is None else g_skl.mul_(w_fwd).add_(g_srkl, alpha=1.0 - w_fwd)
-    return (value, skl, srkl), grad
-
-
-def _jsd_kernel(log_q, log_p, need_grad, beta):
-    if beta in (0.0, 1.0):  # the mixture equals one side: both terms vanish
-        return _zero_kernel(log_q, log_p, need_grad)
-    q, p = log_q.exp(), log_p.exp()
-    ratio = _LogRatio(log_q, log_p)
-    log_mq, _ = ratio.mixture(beta)
-    value = _rowsum((ratio.d - log_mq).mul_(p)).mul_(beta)
-    # dJSD/dq = (1-b) log(q/m): the mixture's own terms cancel exactly.
-    qh = log_mq.mul_(q).mul_(-(1.0 - beta))
-    value.add_(_rowsum(qh))
-    return (value,), (_centre(qh, q) if need_grad else None)
+    top = p.topk(min(_AKL_TOPK, p.shape[-1]), dim=-1).values
+    result = threshold(top)
+    flat = (top.sum(-1) <= mu).nonzero().squeeze(-1)
+    if flat.numel():
+        result[flat] = threshold(p[flat].sort(dim=-1, descending=True).values)
+    return result
 
 
 def _akl_head_weight(q: torch.Tensor, p: torch.Tensor, mu: float) -> torch.Tensor:
     """w_head of AKL; tokens tied with the last head token all join the head."""
-    sorted_p = p.sort(dim=-1, descending=True).values
-    n_head = (sorted_p.cumsum(-1) <= mu).sum(-1, keepdim=True).clamp_(min=1)  # top-1 always in the head
-    threshold = sorted_p.gather(-1, n_head - 1)
-    del sorted_p
     gap = (p - q).abs_()
-    total = _rowsum(gap)
-    g_head = _rowsum(gap.masked_fill_(p < threshold, 0.0))
+    total = gap.sum(-1)
+    g_head = gap.masked_fill_(p < _akl_threshold(p, mu), 0.0).sum(-1)
     # Identical distributions have no gap at all: split evenly (both divergences are 0 there anyway).
     return torch.where(total > 0, g_head / total.clamp(min=torch.finfo(total.dtype).tiny), 0.5)
 
 
-def _akl_kernel(log_q, log_p, need_grad, mu):
+def _akl_kernel(log_q, log_p, grad_out, mu):
     q, p = log_q.exp(), log_p.exp()
     w_head = _akl_head_weight(q, p, mu)
-    fkl, g_fkl = _fkl(log_q, log_p, q, p, need_grad)
-    rkl, g_rkl = _rkl(log_q, log_p, q, need_grad)
-    value = w_head * fkl + (1.0 - w_head) * rkl
-    grad = None
-    if need_grad:  # the weights use q detached, so they are constants for the gradient
-        grad = g_fkl.mul_(w_head.unsqueeze(-1)).add_(g_rkl.mul_((1.0 - w_head).unsqueeze(-1)))
-    return (value, w_head), grad
+    w_tail = 1.0 - w_head
+    fkl = _dot(p, log_p - log_q)
+    qr = (log_q - log_p).mul_(q)
+    rkl = qr.sum(-1)
+    if grad_out is not None:  # the weights use q detached, so they are constants for the gradient
+        qg = qr.mul_(w_tail.unsqueeze(-1)).sub_(p * w_head.unsqueeze(-1))
+        _centre(qg, q, grad_out)  # centring -w_head p gives w_head (q - p), FKL's gradient
+    return w_head * fkl + w_tail * rkl, w_head
 
 
 class _FusedDivergence(torch.autograd.Function):
@@ -236,19 +256,18 @@ class _FusedDivergence(torch.autograd.Function):
         n = student.shape[0]
         grad = student.new_empty((n, vocab), dtype=torch.float32) if need_grad else None
         values: list[torch.Tensor] = []
-        step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+        chunk = _CHUNK_ELEMENTS.get(student.device.type, _CHUNK_ELEMENTS_DEFAULT)
+        step = max(1, chunk // max(vocab, 1))
         for start in range(0, max(n, 1), step):
             rows = slice(start, min(n, start + step))
             ok = rows_valid[rows]
             log_q = _log_probs(student[rows], ok, temperature)
             log_p = _log_probs(teacher[rows], ok, temperature)
-            chunk_values, chunk_grad = kernel(log_q, log_p, need_grad, **params)
+            chunk_values = kernel(log_q, log_p, grad[rows] if need_grad else None, **params)
             if not values:
                 values = [student.new_zeros(n, dtype=torch.float32) for _ in chunk_values]
             for out, value in zip(values, chunk_values, strict=True):
                 out[rows] = value
-            if need_grad:
-                grad[rows] = chunk_grad
         outputs = tuple(v.masked_fill_(~rows_valid, 0.0).view(valid.shape) for v in values)
         ctx.mark_non_differentiable(*outputs[1:])
         ctx.temperature = temperature

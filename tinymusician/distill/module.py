@@ -55,6 +55,7 @@ class DistillationModule(L.LightningModule):
         self.cond_dropout = cond_dropout
         self.pad_token_id = student.config.decoder.pad_token_id
         self.num_codebooks = student.config.decoder.num_codebooks
+        self.last_train_logs: dict[str, float] = {}  # for the end-of-run summary and tests
 
     # --- plumbing -------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> DistillationModule:
@@ -120,6 +121,7 @@ class DistillationModule(L.LightningModule):
         logs.update({f"train/kd_q{k}": v for k, v in enumerate(kd.per_codebook.detach())})
         logs.update({f"train/{name}": float(value) for name, value in kd.logs.items()})
         self.log_dict(logs, batch_size=batch_size)
+        self.last_train_logs = {name: float(value) for name, value in logs.items()}
         self.log("train/loss_step", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
         return loss
 
