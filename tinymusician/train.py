@@ -19,11 +19,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tinymusician.callbacks.save_student import SaveStudent
 from tinymusician.data.datamodule import CodesDataModule
 from tinymusician.distill.losses import DistillationLoss
 from tinymusician.distill.module import DistillationModule
 from tinymusician.models.pair import check_model_config, load_teacher_student
-from tinymusician.models.tiny import save_model
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ def check_config(cfg: DictConfig) -> tuple[DistillationLoss, CodesDataModule]:
     except Exception as err:
         raise ConfigError(f"data: {err.__cause__ or err}") from err
     max_steps = cfg.trainer.get("max_steps", -1)
-    if (max_steps is None or max_steps <= 0) and cfg.trainer.get("max_epochs", -1) in (None, -1):
-        raise ConfigError("trainer.max_steps (or trainer.max_epochs) must be positive")
+    if (max_steps is None or max_steps < 0) and cfg.trainer.get("max_epochs", -1) in (None, -1):
+        raise ConfigError("trainer.max_steps (or trainer.max_epochs) must be set; 0 skips training")
     if not 0.0 <= float(cfg.get("cond_dropout", 0.0)) < 1.0:
         raise ConfigError(f"cond_dropout={cfg.cond_dropout}: must be in [0, 1)")
     check_model_config(cfg.model)
@@ -85,7 +85,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         cond_dropout=float(cfg.cond_dropout),
     )
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    save_student = SaveStudent(output_dir / "student", models.tokenizer)
+    callbacks = [
+        save_student,
+        *(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None),
+    ]
+    # Post-training steps run in this order after SaveStudent: quantize, then evaluate (issues 4, 5).
+    callbacks += [
+        instantiate(cfg[group]) for group in ("quant", "eval") if cfg.get(group) and "_target_" in cfg[group]
+    ]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
@@ -99,7 +107,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     seconds = time.perf_counter() - start
     after = scalar_metrics(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
 
-    student_dir = save_model(models.student, models.tokenizer, output_dir / "student")
+    student_dir = save_student.saved_dir
     checkpoint = next((c for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint)), None)
     summary = {
         "task": cfg.task_name,
