@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,10 @@ from tinymusician.distill.module import DistillationModule
 from tinymusician.models.pair import check_model_config, load_teacher_student
 
 log = logging.getLogger(__name__)
+
+# Frozen T5/EnCodec (and the teacher) stay in eval mode on purpose; Lightning warns about it at every fit.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 class ConfigError(ValueError):

@@ -211,6 +211,7 @@ def train_tiny_teacher(
 ) -> float:
     """Cross-entropy training of the teacher on its own synthetic clips; returns its final val CE."""
     import lightning as L
+    from lightning.pytorch.callbacks import TQDMProgressBar
 
     from tinymusician.data.datamodule import SyntheticDataModule
     from tinymusician.distill.losses import build_loss
@@ -233,17 +234,20 @@ def train_tiny_teacher(
         scheduler=lambda optimizer, total_steps: warmup_cosine(optimizer, total_steps, warmup_steps=30),
         cond_dropout=0.1,
     )
+    log.info(
+        "Training the tiny teacher: %d steps on %d synthetic clips", spec.teacher_steps, spec.teacher_clips
+    )
     trainer = L.Trainer(
         max_steps=spec.teacher_steps,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        val_check_interval=None,
-        check_val_every_n_epoch=10_000,
+        limit_val_batches=0,
         accelerator="cpu",
         devices=1,
         gradient_clip_val=1.0,
+        callbacks=[TQDMProgressBar(refresh_rate=20)],
     )
     trainer.fit(module, datamodule=data)
     metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
