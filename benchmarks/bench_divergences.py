@@ -7,6 +7,8 @@ Shapes are MusicGen-Small-sized logits (B=4, K=4, T=500, V=2048, fp32) on CPU. R
   (VmHWM after resetting it via /proc/self/clear_refs, Linux), in a fresh subprocess per method after the
   inputs exist and one warm-up step: every temporary counts, not just what autograd keeps, and so does
   the student's gradient itself (one logits-sized tensor, 62.5 MiB);
+- cpu: median process CPU time of the same runs (all threads summed); less sensitive than wall time to
+  other load on the machine, which it does not count;
 - saved: bytes autograd keeps for the backward pass (saved_tensors_hooks), the memory that stays alive
   between the forward and backward passes of a training step.
 stage_mixed is measured at progress 0.45 (inside the transition), the only stage that needs both terms.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -120,21 +123,27 @@ def main() -> None:
     for fn in methods.values():  # warm-up (allocator, thread pool)
         _step(fn, student, teacher, valid)
     times: dict[str, list[float]] = {name: [] for name in methods}
+    cpu: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(args.repeats):
         for name, fn in methods.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             _step(fn, student, teacher, valid)
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     saved = {name: _saved_bytes(fn, student, teacher, valid) for name, fn in methods.items()}
     peak = {}
     for name in methods:
         cmd = [sys.executable, __file__, "--peak-child", name]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        # Every allocation >= 64 KiB gets its own mapping, returned on free: resident memory then tracks
+        # live tensors instead of whatever the heap happened to keep from earlier steps.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
         peak[name] = json.loads(out.strip().splitlines()[-1])["peak"]
 
     median = {name: statistics.median(t) for name, t in times.items()}
+    median_cpu = {name: statistics.median(t) for name, t in cpu.items()}
     ref = "fkl"
     mb = 2**20
     print(
@@ -142,14 +151,16 @@ def main() -> None:
         f"median of {args.repeats}, forward+backward"
     )
     header = (
-        f"{'method':<22}{'time ms':>9}{'x fkl':>7}{'peak MiB':>9}{'x fkl':>7}{'saved MiB':>10}{'x fkl':>7}"
+        f"{'method':<22}{'time ms':>9}{'x fkl':>7}{'cpu ms':>9}{'x fkl':>7}"
+        f"{'peak MiB':>10}{'x fkl':>7}{'saved MiB':>10}{'x fkl':>7}"
     )
     print(header)
     print("-" * len(header))
     for name in methods:
         print(
             f"{name:<22}{median[name] * 1e3:>9.1f}{median[name] / median[ref]:>7.2f}"
-            f"{peak[name] / mb:>9.0f}{peak[name] / max(peak[ref], 1):>7.2f}"
+            f"{median_cpu[name] * 1e3:>9.1f}{median_cpu[name] / median_cpu[ref]:>7.2f}"
+            f"{peak[name] / mb:>10.0f}{peak[name] / max(peak[ref], 1):>7.2f}"
             f"{saved[name] / mb:>10.0f}{saved[name] / max(saved[ref], 1):>7.2f}"
         )
     ratio = median["stage_mixed"] / median[ref]

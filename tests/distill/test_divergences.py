@@ -11,6 +11,16 @@ from tinymusician.distill import divergences as div
 
 B, K, T, V = 2, 3, 6, 11
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors gain nothing from intra-op threads, and waking them costs ms per op on small VMs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # name -> (function, parameter name, parameter values tested)
 CASES = {
     "fkl": (div.forward_kl, None, [None]),
@@ -217,7 +227,9 @@ def test_jsd_limits():
     rkl = div.reverse_kl(student, teacher, valid, **kwargs)
     # b -> 0: m -> q, JSD_b = b FKL + O(b^2); b -> 1: JSD_b = (1-b) RKL + O((1-b)^2).
     b = 1e-5
-    torch.testing.assert_close(div.jsd(student, teacher, valid, beta=b, **kwargs) / b, fkl, rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(
+        div.jsd(student, teacher, valid, beta=b, **kwargs) / b, fkl, rtol=1e-2, atol=1e-4
+    )
     torch.testing.assert_close(
         div.jsd(student, teacher, valid, beta=1 - b, **kwargs) / b, rkl, rtol=1e-2, atol=1e-4
     )

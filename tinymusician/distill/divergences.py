@@ -6,9 +6,12 @@ included) so that numbers are comparable across losses; they are *not* multiplie
 modules do that).
 
 Implementation: each divergence runs as one fused autograd function. The forward pass computes the
-per-position value together with its analytic gradient w.r.t. the student logits and keeps only that
-gradient (one fp32 ``[B, K, T, V]`` tensor per divergence term) instead of autograd's chain of
-log-softmax / exp / logaddexp intermediates. The teacher is a constant target: no gradient flows to it.
+per-position value together with its analytic gradient w.r.t. the student logits, chunk by chunk over
+positions, and keeps only that gradient (one fp32 ``[B, K, T, V]`` tensor, even for the stage-mixed pair)
+instead of autograd's chain of log-softmax / exp / logaddexp intermediates; the backward pass just scales
+it. Consequences: the teacher is a constant target (no gradient flows to it) and there is no double
+backward. Where the student puts -inf on a token the teacher gives mass (a truly infinite KL), the logit
+floor below makes the value large (~1e4 * p) but finite.
 """
 
 from __future__ import annotations
@@ -67,7 +70,10 @@ def _log_probs(logits: torch.Tensor, valid: torch.Tensor, temperature: float) ->
         x.clamp_(min=_LOGIT_FLOOR)
     else:
         x = logits.clamp(min=_LOGIT_FLOOR)
-    x.masked_fill_(~valid.unsqueeze(-1), 0.0)
+    if x.device.type == "cpu":
+        x[~valid] = 0.0  # touches the (few) invalid rows only
+    else:
+        x.masked_fill_(~valid.unsqueeze(-1), 0.0)  # no host sync on accelerators
     return torch.log_softmax(x, dim=-1)
 
 
@@ -115,30 +121,31 @@ def _zero_kernel(log_q, log_p, grad_out):
     return (log_q.new_zeros(log_q.shape[:-1]),)
 
 
-# Skewed KLs, 0 < a < 1, with d = log p - log q and k = log((1-a) / a):
-#   SKL_a  = KL(p || a p + (1-a) q) = -sum p l1, l1 = log(m1 / p) = log a + softplus(k - d)
-#   SRKL_a = KL(q || (1-a) p + a q) = -sum q l2, l2 = log(m2 / q) = log a + softplus(k + d)
-# (the logaddexp form of the log-space mixture). Their gradients need p / m1 = (1 - sigmoid(k - d)) / a and
-# q / m2 = (1 - sigmoid(k + d)) / a, so no further exp. The parts return g with q * dF/dq = g + c q for a
-# constant c: the softmax Jacobian (_centre) maps any c q to 0, so constants are left out.
+# Skewed KLs, 0 < a < 1, with d = log p - log q and k = log((1-a) / a). In log space, the mixtures are
+#   log(m1 / p) = log(a + (1-a) e^-d) = log a - log sigmoid(d - k),   m1 = a p + (1-a) q   (SKL_a)
+#   log(m2 / q) = log(a + (1-a) e^d)  = log a - log sigmoid(-d - k),  m2 = (1-a) p + a q   (SRKL_a)
+# (logaddexp(log a + log p, log(1-a) + log q) rewritten). The sigmoids also give the ratios the gradients
+# need, a p / m1 and a q / m2, without another exp, and nothing here takes the log of a probability-space
+# sum. A sigmoid below the smallest normal float is clamped there: that only happens where p (SKL) or q
+# (SRKL) is below ~1e-30 times the other side, so the affected terms, weighted by p or q, are negligible.
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def _skl_parts(d, p, q, alpha, need_grad):
-    """SKL value and g, q * dSKL/dq = -(1-a) q p / m1 = (1-a)/a q sigmoid(k - d) - (1-a)/a q."""
-    t = torch.rsub(d, math.log((1.0 - alpha) / alpha))
-    l1 = torch.nn.functional.softplus(t).add_(math.log(alpha))
-    value = -_dot(p, l1)
-    g = t.sigmoid_().mul_(q).mul_((1.0 - alpha) / alpha) if need_grad else None
-    return value, g
+    """SKL value and q * dSKL/dq = -(1-a) q p / m1 (uncentred)."""
+    ratio = (d - math.log((1.0 - alpha) / alpha)).sigmoid_().clamp_(min=_TINY)  # a p / m1
+    value = _dot(p, ratio.log().sub_(math.log(alpha)))  # sum p log(p / m1)
+    qg = ratio.mul_(q).mul_(-(1.0 - alpha) / alpha) if need_grad else None
+    return value, qg
 
 
 def _srkl_parts(d, q, alpha, need_grad):
-    """SRKL value and g, q * dSRKL/dq = q (-l2 + 1 - a q / m2) = q (sigmoid(k + d) - l2)."""
-    t = d + math.log((1.0 - alpha) / alpha)
-    l2 = torch.nn.functional.softplus(t).add_(math.log(alpha))
-    value = -_dot(q, l2)
-    g = t.sigmoid_().sub_(l2).mul_(q) if need_grad else None
-    return value, g
+    """SRKL value and q * dSRKL/dq = q (log(q / m2) + 1 - a q / m2) (uncentred, the +1 left out)."""
+    ratio = torch.rsub(d, -math.log((1.0 - alpha) / alpha)).sigmoid_().clamp_(min=_TINY)  # a q / m2
+    log_qm = ratio.log().sub_(math.log(alpha))
+    value = _dot(q, log_qm)
+    qg = log_qm.sub_(ratio).mul_(q) if need_grad else None
+    return value, qg
 
 
 def _skl_kernel(log_q, log_p, grad_out, alpha):
@@ -190,11 +197,17 @@ def _jsd_kernel(log_q, log_p, grad_out, beta):
         return _zero_kernel(log_q, log_p, grad_out)
     q, p = log_q.exp(), log_p.exp()
     d = log_p - log_q
-    log_mq = _log_mix(d, beta)  # log(m / q), m = b p + (1-b) q
-    # b sum p (d - log(m/q)) + (1-b) sum q (-log(m/q))
-    value = _dot(p, d.sub_(log_mq)).mul_(beta)
+    # Express m = b p + (1-b) q relative to the side it is closer to: the log-ratio to that side is then
+    # small and accurate, instead of a small difference of O(1) fp32 numbers when b is near 0 or 1.
+    if beta <= 0.5:
+        log_qm = _log_mix(d, beta).neg_()  # log(q / m)
+        log_pm = d + log_qm
+    else:
+        log_pm = _log_mix(d.neg(), 1.0 - beta).neg_()  # log(p / m)
+        log_qm = log_pm - d
+    value = _dot(p, log_pm).mul_(beta)
     # dJSD/dq = (1-b) log(q / m): the mixture's own terms cancel exactly.
-    qh = log_mq.mul_(q).mul_(-(1.0 - beta))
+    qh = log_qm.mul_(q).mul_(1.0 - beta)
     value.add_(qh.sum(-1))
     if grad_out is not None:
         _centre(qh, q, grad_out)

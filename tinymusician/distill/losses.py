@@ -206,6 +206,10 @@ _TEMPERATURE_KEYS = {"start": 2.0, "end": 1.0, "anneal": "cosine"}
 
 
 def _nested(key: str, given: Mapping[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any]:
+    if given is not None and not isinstance(given, Mapping):
+        raise ValueError(
+            f"loss.{key} must be a mapping with keys {', '.join(defaults)} for this loss, got {given!r}"
+        )
     given = dict(given or {})
     unknown = sorted(set(given) - set(defaults))
     if unknown:

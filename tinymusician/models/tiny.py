@@ -243,7 +243,8 @@ def train_tiny_teacher(
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
+        check_val_every_n_epoch=None,
+        val_check_interval=spec.teacher_steps,  # validate once, at the end
         accelerator="cpu",
         devices=1,
         gradient_clip_val=1.0,
