@@ -21,14 +21,14 @@ LOSSES = sorted(p.stem for p in (CONF_DIR / "loss").glob("*.yaml"))
 def test_every_experiment_composes_and_passes_startup_checks(experiment, tmp_path, cache_dir):
     cfg = compose_train_cfg([f"+experiment={experiment}"], tmp_path, fast=False)
     assert cfg.task_name == experiment
-    loss, datamodule = check_config(cfg)
+    loss, datamodule, _ = check_config(cfg)
     assert loss.requires_teacher == (cfg.loss.name != "ce")
 
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_every_loss_option_builds(loss, tmp_path, cache_dir):
     cfg = compose_train_cfg(["+experiment=kd_only", f"loss={loss}"], tmp_path)
-    built, _ = check_config(cfg)
+    built, _, _ = check_config(cfg)
     assert built.lambda_ce >= 0 and built.lambda_kd >= 0
 
 

@@ -37,8 +37,12 @@ class ConfigError(ValueError):
     """The composed config cannot run; raised before any model is loaded."""
 
 
-def check_config(cfg: DictConfig) -> tuple[DistillationLoss, CodesDataModule]:
-    """Validate everything that does not need weights; return the cheap objects it built."""
+def check_config(cfg: DictConfig) -> tuple[DistillationLoss, CodesDataModule, list[L.Callback]]:
+    """Validate everything that does not need weights; return the cheap objects it built.
+
+    Those are the loss, the datamodule and the post-training callbacks (quantize, then evaluate), which
+    validate their own options when constructed.
+    """
     for key in ("model", "data", "loss", "optim", "trainer"):
         if key not in cfg:
             raise ConfigError(f"config group {key!r} is missing; compose from conf/train.yaml")
@@ -58,7 +62,14 @@ def check_config(cfg: DictConfig) -> tuple[DistillationLoss, CodesDataModule]:
     if not 0.0 <= float(cfg.get("cond_dropout", 0.0)) < 1.0:
         raise ConfigError(f"cond_dropout={cfg.cond_dropout}: must be in [0, 1)")
     check_model_config(cfg.model)
-    return loss, datamodule
+    post_training = []
+    for group in ("quant", "eval"):
+        if cfg.get(group) and "_target_" in cfg[group]:
+            try:
+                post_training.append(instantiate(cfg[group]))
+            except Exception as err:
+                raise ConfigError(f"{group}: {err.__cause__ or err}") from err
+    return loss, datamodule, post_training
 
 
 def count_parameters(model: torch.nn.Module | None, trainable: bool = False) -> int:
@@ -73,7 +84,7 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run one training job; returns (metrics, objects) so tests and sweeps can inspect both."""
-    loss, datamodule = check_config(cfg)
+    loss, datamodule, post_training = check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -91,13 +102,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         cond_dropout=float(cfg.cond_dropout),
     )
     save_student = SaveStudent(output_dir / "student", models.tokenizer)
+    # At fit end SaveStudent runs first, so post-training steps (quantize, evaluate) cannot lose the weights.
     callbacks = [
         save_student,
         *(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None),
-    ]
-    # Post-training steps run in this order after SaveStudent: quantize, then evaluate (issues 4, 5).
-    callbacks += [
-        instantiate(cfg[group]) for group in ("quant", "eval") if cfg.get(group) and "_target_" in cfg[group]
+        *post_training,
     ]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -133,6 +142,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
     metrics = {**{f"before/{k}": v for k, v in before.items()}, **module.last_train_logs, **after}
+    for callback in post_training:  # quant/* and eval/* results, so sweeps can optimise them too
+        metrics.update(scalar_metrics(getattr(callback, "last_metrics", None) or {}))
     return metrics, {
         "cfg": cfg,
         "module": module,

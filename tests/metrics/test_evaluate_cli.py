@@ -1,0 +1,96 @@
+"""`python -m tinymusician.evaluate`: folders of WAVs, reference statistics files, CLAP from captions, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tinymusician.evaluate import EvaluationError, main, read_prompts
+from tinymusician.metrics import EmbedderError
+
+
+@pytest.fixture
+def folders(tmp_path, write_wav_folder):
+    reference = write_wav_folder(tmp_path / "reference", 6, seconds=2.0, sample_rate=16000, seed=1)
+    generated = write_wav_folder(tmp_path / "generated", 5, seconds=2.5, sample_rate=32000, seed=2)
+    return reference, generated
+
+
+def test_cli_scores_a_folder_of_wavs_against_a_folder_and_against_saved_statistics(
+    folders, tmp_path, tiny_vggish_path, tiny_clap_dir, capsys
+):
+    reference, generated = folders
+    common = f"--no-progress --embedder vggish:{tiny_vggish_path} --embedder clap:{tiny_clap_dir}".split()
+    out1, out2, stats = tmp_path / "out1", tmp_path / "out2", tmp_path / "ref.safetensors"
+    args = f"--audio-dir {generated} --reference {reference} --clap {tiny_clap_dir} --output-dir {out1}"
+    assert main(args.split() + common) == 0
+    table = capsys.readouterr().out
+    assert (
+        "FAD(vggish)" in table
+        and "FAD(clap)" in table
+        and "CLAP" in table
+        and "reference: kind=folder" in table
+    )
+    report = json.loads((out1 / "report.json").read_text())
+    assert report["n_clips"] == 5 and report["clip_seconds"] == pytest.approx(2.5)
+    vggish_fad = report["fad"]["vggish"]
+    assert vggish_fad["n_frames"] == 10 and vggish_fad["reference"]["n_frames"] == 12
+    assert vggish_fad["fad"] >= 0 and report["reference"]["n_clips"] == 6
+    assert report["clap"]["n_pairs"] == 5 and -1 <= report["clap"]["score"] <= 1
+    assert report["fad"]["clap"]["embedder"]["source"] == str(tiny_clap_dir)
+
+    assert main(f"--reference {reference} --save-stats {stats}".split() + common) == 0
+    assert "Saved reference statistics of 6 clips (vggish, clap)" in capsys.readouterr().out
+    args = f"--audio-dir {generated} --reference {stats} --fad-inf --inf-min-n 4 --output-dir {out2}"
+    assert main(args.split() + common) == 0
+    from_stats = json.loads((out2 / "report.json").read_text())
+    assert from_stats["fad"]["vggish"]["fad"] == pytest.approx(vggish_fad["fad"], rel=1e-6)
+    assert from_stats["reference"]["kind"] == "stats"
+    assert "fad_inf" in from_stats["fad"]["vggish"] and "FAD-inf(vggish)" in capsys.readouterr().out
+
+
+def test_cli_generates_from_a_checkpoint_dir(tiny_pair, folders, tmp_path, capsys):
+    reference, _ = folders
+    out = tmp_path / "out"
+    args = (
+        f"--model {tiny_pair.student} --reference {reference} --seconds 0.5 --output-dir {out} --no-progress"
+    )
+    prompts = ["--prompt", "a slow flute melody", "--prompt", "a fast loud organ tune"]
+    assert main(args.split() + prompts) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == str(tiny_pair.student) and report["n_clips"] == 2
+    assert report["fad"]["encodec"]["fad"] >= 0  # default embedder: the checkpoint's own codec
+    assert sorted(p.name for p in (out / "wavs").iterdir()) == ["000.wav", "001.wav", "metadata.jsonl"]
+    assert "FAD(encodec)" in capsys.readouterr().out
+
+
+def test_cli_errors_name_the_missing_piece(folders, tmp_path, tiny_vggish_path, tiny_clap_dir):
+    reference, generated = folders
+    with pytest.raises(EmbedderError, match="encodec needs a MusicGen checkpoint"):
+        main(
+            ["--audio-dir", str(generated), "--reference", str(reference), "--no-progress"]
+            + ["--embedder", "encodec"]
+        )
+    with pytest.raises(SystemExit, match="FAD needs --reference"):
+        main(["--audio-dir", str(generated), "--embedder", f"vggish:{tiny_vggish_path}"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["--audio-dir", str(generated), "--reference", str(tmp_path / "nope"), "--embedder", "vggish:x"])
+    with pytest.raises(EmbedderError, match="unknown embedder 'openl3'"):
+        main(["--audio-dir", str(generated), "--reference", str(reference), "--embedder", "openl3"])
+    (generated / "metadata.jsonl").unlink()
+    with pytest.raises(ValueError, match="metadata.jsonl is missing"):
+        main(["--audio-dir", str(generated), "--clap", str(tiny_clap_dir), "--no-progress"])
+
+
+def test_prompts_from_text_and_csv_files(tmp_path):
+    assert len(read_prompts(prompts_file="data/prompts/default.txt")) == 8  # resolves from the repo root
+    (tmp_path / "caps.csv").write_text('ytid,caption\na,"a calm piano, soft"\nb,\nc,loud drums\n')
+    assert read_prompts(prompts_file=tmp_path / "caps.csv") == ["a calm piano, soft", "loud drums"]
+    assert read_prompts(["x", " y "], prompts_file=tmp_path / "ignored.txt", limit=1) == ["x"]
+    (tmp_path / "bad.csv").write_text("ytid,text\na,b\n")
+    with pytest.raises(EvaluationError, match="'caption' column"):
+        read_prompts(prompts_file=tmp_path / "bad.csv")
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    with pytest.raises(EvaluationError, match="no prompts in"):
+        read_prompts(prompts_file=tmp_path / "empty.txt")

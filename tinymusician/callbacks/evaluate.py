@@ -1,0 +1,331 @@
+"""Lightning callback: after training (and optionally every N epochs) generate audio and report FAD / CLAP.
+
+Runs after ``SaveStudent`` and the quantize callback, so it also scores the quantized student when one
+exists. The embedding models live in this callback's :class:`~tinymusician.evaluate.Evaluation`, never in
+the LightningModule, so they never reach a checkpoint; they load lazily and are freed after each evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from tinymusician.evaluate import (
+    Evaluation,
+    EvaluationError,
+    GeneratedSet,
+    add_reference_folder,
+    generate_audio,
+    read_prompts,
+    resolve_path,
+    scalar_metrics,
+    write_clips,
+)
+from tinymusician.metrics.embedders import (
+    EMBEDDERS,
+    AudioEmbedder,
+    ClapEmbedder,
+    EncodecEmbedder,
+    build_embedder,
+)
+
+log = logging.getLogger(__name__)
+
+STUDENT_CODEC = "student"  # encodec source meaning "the student's own codec" (works offline)
+
+
+def _plain(value: Any) -> Any:
+    return (
+        OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+    )
+
+
+def find_quantized_model(trainer: L.Trainer) -> tuple[Any, str] | tuple[None, None]:
+    """The quantized student a quantize callback exposes as ``quantized_model`` (None if quantization did not run)."""
+    for callback in trainer.callbacks:
+        model = getattr(callback, "quantized_model", None)
+        if model is not None:
+            return model, type(callback).__name__
+    return None, None
+
+
+class EvaluateCallback(L.Callback):
+    """Generate clips for a prompt set with the student (and the quantized student), then FAD and CLAP score.
+
+    Args:
+        prompts / prompts_file: inline prompts or a file with one prompt per line; ``num_prompts`` keeps the
+            first N.
+        seconds, guidance_scale, seed, batch_size: generation (``max_new_tokens = int(seconds * frame_rate)``).
+        embedders: FAD embedders: names or ``{name: ..., **kwargs}``; ``{name: encodec, source: student}``
+            uses the student's own codec (offline).
+        reference: ``val`` (the validation clips decoded from their codes with the codec), a folder of WAVs,
+            or a statistics file written by ``python -m tinymusician.evaluate --save-stats``.
+        clap_model: hub id / directory of a CLAP model for the CLAP score; None skips it.
+        fad_inf: also report FAD-infinity. every_n_epochs: evaluate during training too.
+        log_audio: how many clips to log to loggers that take audio (wandb, TensorBoard).
+        output_dir: WAVs and ``report.json`` go to ``output_dir/<final|epochNNN>/``.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str] | None = None,
+        prompts_file: str | None = None,
+        num_prompts: int | None = None,
+        seconds: float = 2.0,
+        guidance_scale: float = 3.0,
+        seed: int = 0,
+        batch_size: int = 8,
+        embedders: Sequence[str | Mapping[str, Any]] = ({"name": "encodec", "source": STUDENT_CODEC},),
+        reference: str = "val",
+        reference_max_clips: int | None = None,
+        clap_model: str | None = None,
+        fad_inf: bool = False,
+        inf_min_n: int | None = None,
+        every_n_epochs: int | None = None,
+        log_audio: int = 4,
+        output_dir: str | None = None,
+        device: str | None = None,
+    ) -> None:
+        # Everything checkable without weights fails here, before training starts.
+        self.prompts = read_prompts(_plain(prompts), prompts_file, num_prompts)
+        self.prompts_source = prompts_file if not prompts else "inline"
+        if seconds <= 0 or not math.isfinite(seconds):
+            raise EvaluationError(f"eval.seconds={seconds}: must be positive")
+        if guidance_scale < 1.0:
+            raise EvaluationError(f"eval.guidance_scale={guidance_scale}: must be >= 1 (1 = no guidance)")
+        if batch_size < 1:
+            raise EvaluationError(f"eval.batch_size={batch_size}: must be >= 1")
+        if every_n_epochs is not None and every_n_epochs < 1:
+            raise EvaluationError(f"eval.every_n_epochs={every_n_epochs}: must be >= 1 or null")
+        self.embedder_specs = [
+            {"name": spec} if isinstance(spec, str) else dict(spec) for spec in (_plain(embedders) or [])
+        ]
+        for spec in self.embedder_specs:
+            if spec.get("name") not in EMBEDDERS:
+                raise EvaluationError(
+                    f"eval.embedders: unknown embedder {spec.get('name')!r}; known embedders: {sorted(EMBEDDERS)}"
+                )
+        if not self.embedder_specs and not clap_model:
+            raise EvaluationError("eval: no embedders and no clap_model, so there is nothing to compute")
+        if reference != "val":
+            path = resolve_path(reference)
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"eval.reference={reference!r} does not exist; use `val`, a folder of WAVs or a stats file"
+                )
+            reference = str(path)
+        self.seconds, self.guidance_scale = seconds, guidance_scale
+        self.seed, self.batch_size = seed, batch_size
+        self.reference, self.reference_max_clips = reference, reference_max_clips
+        self.clap_model, self.fad_inf, self.inf_min_n = clap_model, fad_inf, inf_min_n
+        self.every_n_epochs, self.log_audio = every_n_epochs, log_audio
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.device = device
+        self.evaluation: Evaluation | None = None
+        self.reports: list[dict[str, Any]] = []
+        self.last_metrics: dict[str, float] = {}
+        self.last_report_path: Path | None = None
+
+    # --- hooks --------------------------------------------------------------------------------------------
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.run(trainer, pl_module, tag=f"epoch{trainer.current_epoch:03d}")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.run(trainer, pl_module, tag="final")
+
+    # --- evaluation ---------------------------------------------------------------------------------------
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> dict[str, Any]:
+        """Generate, score, log and write one evaluation; returns its report."""
+        student = pl_module.student
+        rank, world = trainer.global_rank, trainer.world_size
+        output = (self.output_dir or Path(trainer.default_root_dir) / "eval") / tag
+        evaluation = self._evaluation(trainer, pl_module)
+        tokenizer = self._tokenizer(trainer)
+        prompts = self.prompts[rank::world]  # each process generates its share; the metrics sync
+        models = {"student": student}
+        quantized, quantizer = find_quantized_model(trainer)
+        if quantized is not None:
+            models["quantized"] = quantized
+        report: dict[str, Any] = {
+            "tag": tag,
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "prompts": self.prompts_source,
+            "generation": {
+                "n_prompts": len(self.prompts),
+                "seconds": self.seconds,
+                "guidance_scale": self.guidance_scale,
+                "seed": self.seed,
+            },
+            "quantized_by": quantizer,
+        }
+        metrics: dict[str, float] = {}
+        try:
+            for name, model in models.items():
+                generated = generate_audio(
+                    model,
+                    tokenizer,
+                    prompts,
+                    seconds=self.seconds,
+                    guidance_scale=self.guidance_scale,
+                    seed=self.seed + rank,
+                    batch_size=self.batch_size,
+                    progress=False,
+                    desc=f"Generating ({name})",
+                )
+                rows = self._write(output / name, generated, rank, world)
+                result = evaluation.score(generated, batch_size=self.batch_size)
+                result["wavs"] = [str(Path(name) / row["file_name"]) for row in rows]
+                report[name] = result
+                prefix = "eval" if name == "student" else "eval_quant"
+                metrics.update(scalar_metrics(result, prefix))
+                self._log_audio(trainer, generated, prefix)
+        finally:
+            evaluation.close()  # free the embedding models; the reference statistics stay
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()
+        if trainer.is_global_zero:
+            output.mkdir(parents=True, exist_ok=True)
+            self.last_report_path = output / "report.json"
+            self.last_report_path.write_text(json.dumps(report, indent=2, default=str))
+            log.info("Evaluation %s: %s (report %s)", tag, metrics, self.last_report_path)
+        self.last_metrics = metrics
+        self.reports.append(report)
+        return report
+
+    def _tokenizer(self, trainer: L.Trainer) -> Any:
+        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+        tokenizer = tokenizer or next(
+            (getattr(c, "tokenizer", None) for c in trainer.callbacks if getattr(c, "tokenizer", None)), None
+        )
+        if tokenizer is None:
+            raise EvaluationError("EvaluateCallback needs the text tokenizer: attach it to the datamodule")
+        return tokenizer
+
+    def _evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Evaluation:
+        """Built on first use and kept: the reference is embedded once for all evaluations of this run."""
+        if self.evaluation is not None:
+            return self.evaluation
+        student = pl_module.student
+        device = self.device or str(pl_module.device)
+        embedders: list[AudioEmbedder] = []
+        for spec in self.embedder_specs:
+            kwargs = {k: v for k, v in spec.items() if k != "name"}
+            if spec["name"] == "encodec" and kwargs.get("source", STUDENT_CODEC) == STUDENT_CODEC:
+                source = getattr(student.config, "name_or_path", "") or "student"
+                embedders.append(EncodecEmbedder(f"student codec ({source})", codec=student.audio_encoder))
+            else:
+                embedders.append(build_embedder(spec["name"], **{"device": device, **kwargs}))
+        clap = None
+        if self.clap_model:
+            clap = next(
+                (e for e in embedders if isinstance(e, ClapEmbedder) and e.source == self.clap_model), None
+            )
+            clap = clap or ClapEmbedder(self.clap_model, device=device, batch_size=self.batch_size)
+        is_stats = self.reference != "val" and Path(self.reference).is_file()
+        evaluation = Evaluation(
+            embedders,
+            clap=clap,
+            reference_stats=self.reference if is_stats else None,
+            fad_inf=self.fad_inf,
+            inf_min_n=self.inf_min_n,
+            seed=self.seed,
+        )
+        if embedders and not is_stats:
+            if self.reference == "val":
+                self._add_val_reference(evaluation, trainer, pl_module)
+            else:
+                self._add_folder_reference(evaluation, trainer)
+        self.evaluation = evaluation
+        return evaluation
+
+    @torch.inference_mode()
+    def _add_val_reference(
+        self, evaluation: Evaluation, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> None:
+        """The validation clips' audio, decoded from their codes with the student's (frozen, shared) codec."""
+        from tinymusician.models.musicgen import codec_decode
+
+        splits = getattr(getattr(trainer, "datamodule", None), "splits", None) or {}
+        if "val" not in splits:
+            raise EvaluationError(
+                "eval.reference=val needs trainer.datamodule.splits['val'] (a CodesDataModule); "
+                "give a folder of WAVs or a stats file instead"
+            )
+        split = splits["val"]
+        student = pl_module.student
+        codec = student.audio_encoder
+        hop = math.prod(codec.config.upsampling_ratios)
+        count = min(len(split), self.reference_max_clips or len(split))
+        indices = list(range(trainer.global_rank, count, trainer.world_size))
+        seconds = 0.0
+        for start in range(0, len(indices), self.batch_size):
+            ids = indices[start : start + self.batch_size]
+            codes = split.codes[ids].to(next(codec.parameters()).device)
+            audio = codec_decode(student, codes).float().cpu()
+            clips = [clip[: int(split.lengths[i]) * hop] for clip, i in zip(audio, ids, strict=True)]
+            evaluation.add_reference(clips, int(codec.config.sampling_rate))
+            seconds += sum(c.shape[-1] for c in clips) / codec.config.sampling_rate
+        evaluation.set_reference(
+            {
+                "kind": "val",
+                "description": "validation clips decoded from their codes with the student's codec",
+                "n_clips": count,
+                "clip_seconds": round(seconds / max(len(indices), 1), 4),
+            }
+        )
+
+    def _add_folder_reference(self, evaluation: Evaluation, trainer: L.Trainer) -> None:
+        add_reference_folder(
+            evaluation,
+            self.reference,
+            max_clips=self.reference_max_clips,
+            batch_size=self.batch_size,
+            shard=(trainer.global_rank, trainer.world_size),
+            progress=False,
+        )
+
+    def _write(self, directory: Path, generated: GeneratedSet, rank: int, world: int) -> list[dict[str, str]]:
+        """WAVs + metadata.jsonl; with several processes each writes its own share under ``rank{r}/``."""
+        if world == 1:
+            return write_clips(directory, generated)
+        rows = write_clips(directory / f"rank{rank}", generated)
+        return [{**row, "file_name": f"rank{rank}/{row['file_name']}"} for row in rows]
+
+    def _log_audio(self, trainer: L.Trainer, generated: GeneratedSet, prefix: str) -> None:
+        """Audio samples to loggers that take audio (wandb, TensorBoard); others are skipped silently."""
+        count = min(self.log_audio, len(generated.audio))
+        if count <= 0:
+            return
+        for logger in trainer.loggers:
+            experiment_type = type(logger).__name__
+            try:
+                if experiment_type == "WandbLogger":
+                    import wandb
+
+                    samples = [
+                        wandb.Audio(clip.numpy(), sample_rate=generated.sample_rate, caption=prompt)
+                        for clip, prompt in zip(
+                            generated.audio[:count], generated.prompts[:count], strict=True
+                        )
+                    ]
+                    logger.experiment.log(
+                        {f"{prefix}/audio": samples, "trainer/global_step": trainer.global_step}
+                    )
+                elif experiment_type == "TensorBoardLogger":
+                    for index, clip in enumerate(generated.audio[:count]):
+                        logger.experiment.add_audio(
+                            f"{prefix}/audio_{index}", clip[None], trainer.global_step, generated.sample_rate
+                        )
+            except ImportError:
+                continue
