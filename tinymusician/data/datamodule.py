@@ -1,8 +1,19 @@
-"""LightningDataModules that serve tokenised audio with captions: ``codes [B, K, T]`` + T5 inputs."""
+"""LightningDataModules that serve tokenised audio with captions: ``codes [B, K, T]`` + T5 inputs.
+
+A subclass lists its clips (:meth:`CodesDataModule.list_clips`) and says how to get one clip's audio;
+the base class validates the audio, encodes every clip once into a sharded, resumable token cache
+(``python -m tinymusician.data.prepare`` or the first ``setup``), skips or stops on bad samples, and
+serves fixed-length training segments cut from the cached codes.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -12,32 +23,161 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import MusicgenForConditionalGeneration, PreTrainedTokenizerBase
 
-from tinymusician.data.synthetic import synthesize_corpus
-from tinymusician.data.token_cache import TokenSplit, cached_split, codec_fingerprint
+from tinymusician.data.audio import BadSampleError, load_audio
+from tinymusician.data.synthetic import synthesize_clip
+from tinymusician.data.token_cache import ShardedTokenCache, TokenSplit, codec_fingerprint
 from tinymusician.models.musicgen import codec_encode
 
 log = logging.getLogger(__name__)
+
+ON_BAD_SAMPLE = ("skip", "raise")
+SEGMENT_OFFSETS = ("random", "fixed")
+# Values of a dataset's split column -> the split they feed; "test" rows are held out of training.
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "eval": "val",
+    "dev": "val",
+    "test": None,
+}
+_RAISE_HINT = (
+    "(data.on_bad_sample=raise; data.on_bad_sample=skip skips such clips and lists them in the report)"
+)
 
 
 class EmptySplitError(ValueError):
     """A split without a single usable clip: training cannot start."""
 
 
-class CodesDataset(Dataset):
-    """Clips of one split: item = ``{"codes": [K, T], "length": int, "caption": str}``."""
+@dataclass(frozen=True)
+class ClipRef:
+    """One clip a dataset lists: a unique id, its split and caption, and where its audio is.
 
-    def __init__(self, split: TokenSplit) -> None:
+    ``stamp`` (file size, mtime) goes into the cache key, so an edited file is encoded again.
+    """
+
+    id: str
+    split: str
+    caption: str | None
+    path: Path | None = None
+    stamp: tuple[int, int] | None = None
+
+
+@dataclass
+class Listing:
+    """What a dataset found before decoding: usable-looking clips, rejected rows/files and notes to print."""
+
+    clips: list[ClipRef]
+    bad: list[dict] = field(default_factory=list)  # {"id", "reason"} (+ "split" when known)
+    notes: list[str] = field(default_factory=list)
+    held_out: int = 0
+
+    def fingerprint(self) -> str:
+        rows = [(c.id, c.split, c.caption, str(c.path), c.stamp) for c in self.clips]
+        return hashlib.sha256(json.dumps([rows, self.bad], default=str).encode()).hexdigest()[:16]
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def hash_fraction(clip_id: str) -> float:
+    """A stable number in [0, 1) per id (not Python's salted ``hash``), for reproducible splits."""
+    return int(hashlib.sha256(clip_id.encode()).hexdigest()[:15], 16) / 16**15
+
+
+def hash_split(clip_id: str, val_fraction: float) -> str:
+    return "val" if hash_fraction(clip_id) < val_fraction else "train"
+
+
+def codec_hop(codec: torch.nn.Module) -> int:
+    """Audio samples per code frame (320 for the tiny codec at 16 kHz, 640 for EnCodec 32 kHz)."""
+    return int(np.prod(codec.config.upsampling_ratios))
+
+
+@torch.no_grad()
+def encode_audio(
+    model: MusicgenForConditionalGeneration,
+    clips: list[np.ndarray],
+    batch_size: int = 8,
+    chunk_samples: int | None = None,
+) -> list[torch.Tensor]:
+    """Codes ``[K, ceil(len / hop)]`` of every mono clip at the codec's rate.
+
+    Clips longer than ``chunk_samples`` (a multiple of the hop) are encoded in pieces to bound memory;
+    pieces are batched shortest first so little of each batch is padding.
+    """
+    codec = model.audio_encoder
+    hop = codec_hop(codec)
+    if chunk_samples is not None:
+        chunk_samples = max(hop, chunk_samples // hop * hop)
+    pieces: list[tuple[int, np.ndarray]] = []
+    for index, clip in enumerate(clips):
+        step = chunk_samples or max(len(clip), 1)
+        pieces += [(index, clip[start : start + step]) for start in range(0, len(clip), step)]
+    order = sorted(range(len(pieces)), key=lambda p: len(pieces[p][1]))
+    piece_codes: dict[int, torch.Tensor] = {}
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        longest = max(len(pieces[p][1]) for p in batch)
+        padded = torch.zeros(len(batch), longest)
+        for row, p in enumerate(batch):
+            padded[row, : len(pieces[p][1])] = torch.from_numpy(pieces[p][1])
+        codes = codec_encode(model, padded.to(codec.dtype)).cpu()
+        for row, p in enumerate(batch):
+            frames = min(-(-len(pieces[p][1]) // hop), codes.shape[-1])
+            piece_codes[p] = codes[row, :, :frames]
+    by_clip: list[list[torch.Tensor]] = [[] for _ in clips]
+    for p, (index, _) in enumerate(pieces):
+        by_clip[index].append(piece_codes[p])
+    return [torch.cat(parts, dim=-1).long() for parts in by_clip]
+
+
+class SegmentDataset(Dataset):
+    """Training items cut from a split's clips: item = ``{"codes": [K, S], "length": int, "caption": str}``.
+
+    Every clip gives its fixed windows ``0, S, 2S, ...`` (a last, shorter window only if it has at least
+    ``min_frames``); with ``random_offsets`` each of those items instead starts at a fresh random frame every
+    time it is read. ``segment_frames=None`` serves whole clips, padded to the longest. Padding is code 0 and
+    ``length`` says how many frames are real.
+    """
+
+    def __init__(
+        self,
+        split: TokenSplit,
+        segment_frames: int | None = None,
+        min_frames: int = 1,
+        random_offsets: bool = False,
+    ) -> None:
         self.split = split
+        lengths = split.lengths.tolist()
+        self.size = segment_frames or max(lengths, default=0)
+        self.random_offsets = random_offsets
+        self.windows: list[tuple[int, int]] = []
+        for clip, length in enumerate(lengths):
+            starts = [s for s in range(0, length, self.size) if s == 0 or length - s >= min_frames]
+            self.windows += [(clip, start) for start in starts]
 
     def __len__(self) -> int:
-        return len(self.split)
+        return len(self.windows)
 
     def __getitem__(self, index: int) -> dict:
-        return {
-            "codes": self.split.codes[index],
-            "length": int(self.split.lengths[index]),
-            "caption": self.split.captions[index],
-        }
+        clip, start = self.windows[index]
+        length = int(self.split.lengths[clip])
+        if self.random_offsets and length > self.size:
+            start = int(torch.randint(0, length - self.size + 1, ()))
+        codes = self.split.clip(clip)[:, start : start + self.size].long()
+        valid = codes.shape[-1]
+        if valid < self.size:
+            codes = torch.nn.functional.pad(codes, (0, self.size - valid))
+        return {"codes": codes, "length": valid, "caption": self.split.captions[clip]}
 
 
 class CaptionCollator:
@@ -65,9 +205,10 @@ class CaptionCollator:
 
 
 class CodesDataModule(L.LightningDataModule):
-    """Base: subclasses say how to produce audio+captions per split; this tokenises, caches and serves them.
+    """Base: subclasses list clips and load their audio; this validates, tokenises, caches and serves them.
 
     Call :meth:`attach` with the student (its codec tokenises the audio) and the text tokenizer before use.
+    Arguments are checked here, so ``instantiate(cfg.data)`` fails at start-up on a bad value.
     """
 
     split_names = ("train", "val")
@@ -77,16 +218,59 @@ class CodesDataModule(L.LightningDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         cache_dir: str = "~/.cache/tinymusician",
-        encode_batch: int = 32,
+        encode_batch: int = 8,
+        segment_seconds: float | None = None,
+        segment_offsets: str = "random",
+        min_seconds: float = 0.0,
+        silence_db: float | None = -60.0,
+        on_bad_sample: str = "skip",
+        shard_size: int = 256,
+        encode_chunk_seconds: float | None = 10.0,
+        max_text_tokens: int = 64,
     ) -> None:
         super().__init__()
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(
+                f"data.on_bad_sample={on_bad_sample!r}: use 'skip' (skip bad clips, list them in the "
+                "report) or 'raise' (stop at the first bad clip, naming it)"
+            )
+        if segment_offsets not in SEGMENT_OFFSETS:
+            raise ValueError(f"data.segment_offsets={segment_offsets!r}: use 'random' or 'fixed'")
+        if segment_seconds is not None and segment_seconds <= 0:
+            raise ValueError(f"data.segment_seconds={segment_seconds}: must be > 0, or null for whole clips")
+        if min_seconds < 0:
+            raise ValueError(f"data.min_seconds={min_seconds}: must be >= 0")
+        if segment_seconds is not None and min_seconds > segment_seconds:
+            raise ValueError(
+                f"data.min_seconds={min_seconds} > data.segment_seconds={segment_seconds}: "
+                "no segment could be long enough; lower data.min_seconds"
+            )
+        for key, value in {
+            "batch_size": batch_size,
+            "encode_batch": encode_batch,
+            "shard_size": shard_size,
+        }.items():
+            if value < 1:
+                raise ValueError(f"data.{key}={value}: must be >= 1")
+        if encode_chunk_seconds is not None and encode_chunk_seconds <= 0:
+            raise ValueError(f"data.encode_chunk_seconds={encode_chunk_seconds}: must be > 0, or null")
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.cache_dir = Path(cache_dir).expanduser()
+        self.cache_dir = Path(cache_dir).expanduser().absolute()
         self.encode_batch = encode_batch
+        self.segment_seconds = segment_seconds
+        self.segment_offsets = segment_offsets
+        self.min_seconds = min_seconds
+        self.silence_db = silence_db
+        self.on_bad_sample = on_bad_sample
+        self.shard_size = shard_size
+        self.encode_chunk_seconds = encode_chunk_seconds
+        self.max_text_tokens = max_text_tokens
         self.model: MusicgenForConditionalGeneration | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.splits: dict[str, TokenSplit] = {}
+        self.report: dict | None = None
+        self._listing: Listing | None = None
 
     def attach(self, model: MusicgenForConditionalGeneration, tokenizer: PreTrainedTokenizerBase) -> None:
         self.model = model
@@ -94,36 +278,164 @@ class CodesDataModule(L.LightningDataModule):
 
     # Subclasses --------------------------------------------------------------------------------------
     def describe(self) -> dict:
-        """Everything that determines the clips (goes into the cache key)."""
+        """Everything in the config that determines the clips (goes into the cache key)."""
         raise NotImplementedError
 
-    def load_audio(self, split: str, sample_rate: int) -> tuple[list[np.ndarray], list[str]]:
-        """Mono float32 audio at ``sample_rate`` and captions of ``split``."""
+    def list_clips(self) -> Listing:
+        """Every clip of every split, and the rows/files rejected before decoding."""
         raise NotImplementedError
 
-    # -------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode(self, audio: list[np.ndarray], captions: list[str], split: str) -> TokenSplit:
-        """Run the codec over all clips once (equal-length batches), with a progress bar."""
-        assert self.model is not None
-        codec = self.model.audio_encoder
-        chunks, lengths = [], []
-        for start in tqdm(
-            range(0, len(audio), self.encode_batch), desc=f"Encoding {split} clips", unit="batch"
-        ):
-            batch = audio[start : start + self.encode_batch]
-            longest = max(len(clip) for clip in batch)
-            padded = torch.zeros(len(batch), longest)
-            for i, clip in enumerate(batch):
-                padded[i, : len(clip)] = torch.from_numpy(clip)
-            codes = codec_encode(self.model, padded.to(codec.dtype))
-            chunks.append(codes)
-            hop = int(np.prod(codec.config.upsampling_ratios))
-            lengths.extend(min(-(-len(clip) // hop), codes.shape[-1]) for clip in batch)
-        longest = max(chunk.shape[-1] for chunk in chunks)
-        codes = torch.cat([torch.nn.functional.pad(c, (0, longest - c.shape[-1])) for c in chunks])
-        return TokenSplit(codes.cpu().long(), torch.tensor(lengths), list(captions))
+    def load_clip(self, clip: ClipRef, sample_rate: int, min_samples: int) -> tuple[np.ndarray, str]:
+        """Mono float32 audio at ``sample_rate`` and the caption; raises :class:`BadSampleError`."""
+        assert clip.path is not None and clip.caption is not None
+        audio = load_audio(clip.path, sample_rate, min_samples=min_samples, silence_db=self.silence_db)
+        return audio, clip.caption
 
+    # Listing and cache -------------------------------------------------------------------------------
+    @property
+    def listing(self) -> Listing:
+        if self._listing is None:
+            self._listing = self.list_clips()
+            for note in self._listing.notes:
+                print(note, flush=True)
+        return self._listing
+
+    def token_cache(self, model: MusicgenForConditionalGeneration) -> ShardedTokenCache:
+        """The cache for this data and this codec (nothing is read or written here)."""
+        decode = {
+            "min_seconds": self.min_seconds,
+            "silence_db": self.silence_db,
+            "encode_chunk_seconds": self.encode_chunk_seconds,
+        }
+        key = {
+            "data": self.describe(),
+            "listing": self.listing.fingerprint(),
+            "decode": decode,
+            "codec": codec_fingerprint(model.audio_encoder),
+        }
+        return ShardedTokenCache(self.cache_dir, type(self).__name__, key)
+
+    def shard_plan(self, cache: ShardedTokenCache) -> list[tuple[str, Path, list[ClipRef]]]:
+        """(split, shard file, clips) in encoding order; the same listing always gives the same plan."""
+        plan = []
+        for split in self.split_names:
+            clips = [clip for clip in self.listing.clips if clip.split == split]
+            for index, start in enumerate(range(0, len(clips), self.shard_size)):
+                chunk = clips[start : start + self.shard_size]
+                plan.append((split, cache.shard_path(split, index, [c.id for c in chunk]), chunk))
+        return plan
+
+    def min_samples(self, model: MusicgenForConditionalGeneration) -> int:
+        """Shortest usable clip: ``data.min_seconds``, and never less than one code frame."""
+        codec = model.audio_encoder
+        return max(codec_hop(codec), math.ceil(self.min_seconds * codec.config.sampling_rate))
+
+    def encode_shard(
+        self, model: MusicgenForConditionalGeneration, split: str, clips: list[ClipRef], progress: tqdm
+    ) -> TokenSplit:
+        """Decode, check and encode one shard's clips; bad ones are skipped (listed) or raised."""
+        sample_rate = model.audio_encoder.config.sampling_rate
+        min_samples = self.min_samples(model)
+        audio, captions, ids, bad = [], [], [], []
+        for clip in clips:
+            try:
+                samples, caption = self.load_clip(clip, sample_rate, min_samples)
+            except BadSampleError as err:
+                if self.on_bad_sample == "raise":
+                    raise BadSampleError(clip.id, f"{err.reason} {_RAISE_HINT}") from err
+                bad.append({"id": clip.id, "split": split, "reason": err.reason})
+                continue
+            finally:
+                progress.update(1)
+            audio.append(samples)
+            captions.append(caption)
+            ids.append(clip.id)
+        chunk = None
+        if self.encode_chunk_seconds is not None:
+            chunk = int(self.encode_chunk_seconds * sample_rate)
+        codes = encode_audio(model, audio, self.encode_batch, chunk) if audio else []
+        return TokenSplit.from_clips(codes, captions, ids, bad)
+
+    def prepare_tokens(
+        self, model: MusicgenForConditionalGeneration, progress: bool = True, print_report: bool = True
+    ) -> dict:
+        """Encode every clip not cached yet (resuming shard by shard) and return the cache's report.
+
+        The report (also ``report.json`` beside the shards) counts the usable clips per split and lists
+        every skipped clip with its reason. With ``on_bad_sample=raise`` the first bad clip stops it.
+        """
+        listing = self.listing
+        if self.on_bad_sample == "raise" and listing.bad:
+            first = listing.bad[0]
+            raise BadSampleError(first["id"], f"{first['reason']} {_RAISE_HINT}")
+        cache = self.token_cache(model)
+        report = cache.read_report()
+        if report is None:
+            plan = self.shard_plan(cache)
+            done = sum(len(clips) for _, path, clips in plan if path.is_file())
+            if done:
+                log.info("Resuming the token cache %s: %d clips already encoded", cache.root, done)
+            bar = tqdm(
+                total=len(listing.clips),
+                initial=done,
+                desc=f"Encoding {type(self).__name__} clips",
+                unit="clip",
+                disable=not progress,
+            )
+            model.audio_encoder.eval()
+            with bar:
+                for split, path, clips in plan:
+                    if not path.is_file():
+                        cache.write_shard(path, self.encode_shard(model, split, clips, bar))
+            report = self._build_report(cache, plan, listing, model)
+            cache.write_report(report)
+            if print_report:
+                print(format_report(report), flush=True)
+        elif self.on_bad_sample == "raise" and report["bad"]:
+            first = report["bad"][0]
+            raise BadSampleError(first["id"], f"{first['reason']} {_RAISE_HINT}")
+        self.report = report
+        return report
+
+    def _build_report(
+        self, cache: ShardedTokenCache, plan: list, listing: Listing, model: MusicgenForConditionalGeneration
+    ) -> dict:
+        codec = model.audio_encoder
+        frame_rate = codec.config.sampling_rate / codec_hop(codec)
+        splits: dict[str, dict] = {
+            name: {"clips": 0, "seconds": 0.0, "shards": []} for name in self.split_names
+        }
+        bad = list(listing.bad)
+        for split, path, _ in plan:
+            shard = cache.read_shard(path)
+            splits[split]["clips"] += len(shard)
+            splits[split]["seconds"] += float(shard.lengths.sum()) / frame_rate
+            splits[split]["shards"].append(path.name)
+            bad += shard.bad
+        return {
+            "dataset": type(self).__name__,
+            "data": self.describe(),
+            "cache_dir": str(cache.root),
+            "splits": splits,
+            "listed": len(listing.clips) + len(listing.bad),
+            "usable": sum(s["clips"] for s in splits.values()),
+            "held_out": listing.held_out,
+            "skipped": len(bad),
+            "skipped_by_reason": dict(Counter(_reason_kind(b["reason"]) for b in bad).most_common()),
+            "bad": bad,
+            "notes": listing.notes,
+        }
+
+    def load_splits(self, model: MusicgenForConditionalGeneration) -> dict[str, TokenSplit]:
+        """Prepare (if needed) and read every split from the token cache."""
+        report = self.prepare_tokens(model)
+        root = Path(report["cache_dir"])
+        return {
+            split: TokenSplit.concat([ShardedTokenCache.read_shard(root / name) for name in info["shards"]])
+            for split, info in report["splits"].items()
+        }
+
+    # Lightning ---------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
@@ -131,35 +443,82 @@ class CodesDataModule(L.LightningDataModule):
             raise RuntimeError(
                 "call datamodule.attach(model, tokenizer) before setup(): the codec tokenises audio"
             )
-        codec = self.model.audio_encoder
-        sample_rate = codec.config.sampling_rate
+        splits = self.load_splits(self.model)
         for split in self.split_names:
-            key = {"data": self.describe(), "split": split, "codec": codec_fingerprint(codec)}
-
-            def compute(split: str = split) -> TokenSplit:
-                audio, captions = self.load_audio(split, sample_rate)
-                if not audio:
-                    raise EmptySplitError(self.empty_message(split))
-                return self.encode(audio, captions, split)
-
-            self.splits[split] = cached_split(self.cache_dir, type(self).__name__, key, compute)
-            if len(self.splits[split]) == 0:
+            if len(splits[split]) == 0:
                 raise EmptySplitError(self.empty_message(split))
-        log.info("Usable clips: %s", {name: len(split) for name, split in self.splits.items()})
+        self.splits = splits
+        datasets = {split: self.dataset(split) for split in self.split_names}
+        self.check_positions(max(d.size for d in datasets.values()))
+        print(self.usable_summary(datasets), flush=True)
+
+    def segment_frames(self) -> int | None:
+        if self.segment_seconds is None or self.model is None:
+            return None
+        codec = self.model.audio_encoder
+        return max(1, round(self.segment_seconds * codec.config.sampling_rate / codec_hop(codec)))
+
+    def min_frames(self) -> int:
+        if self.model is None:
+            return 1
+        codec = self.model.audio_encoder
+        return max(1, math.ceil(self.min_seconds * codec.config.sampling_rate / codec_hop(codec)))
+
+    def dataset(self, split: str) -> SegmentDataset:
+        """Validation always uses fixed windows, so its numbers are comparable between evaluations."""
+        return SegmentDataset(
+            self.splits[split],
+            self.segment_frames(),
+            self.min_frames(),
+            random_offsets=split == "train" and self.segment_offsets == "random",
+        )
+
+    def check_positions(self, frames: int) -> None:
+        """Segments must fit the decoder's positions (delay pattern adds K - 1), or training would crash."""
+        assert self.model is not None
+        decoder = self.model.config.decoder
+        needed = frames + decoder.num_codebooks - 1
+        if needed > decoder.max_position_embeddings:
+            codec = self.model.audio_encoder
+            frame_rate = codec.config.sampling_rate / codec_hop(codec)
+            longest = (decoder.max_position_embeddings - decoder.num_codebooks + 1) / frame_rate
+            raise ValueError(
+                f"data.segment_seconds={self.segment_seconds}: items of {frames} frames need {needed} decoder "
+                f"positions but the student has max_position_embeddings={decoder.max_position_embeddings}; "
+                f"set data.segment_seconds <= {longest:.2f}"
+            )
+
+    def usable_summary(self, datasets: dict[str, SegmentDataset]) -> str:
+        assert self.report is not None
+        parts = [
+            f"{split} {len(self.splits[split])} clips -> {len(datasets[split])} segments"
+            for split in self.split_names
+        ]
+        skipped = self.report["skipped"]
+        tail = f"; {skipped} skipped (see {self.report['cache_dir']}/report.json)" if skipped else ""
+        return f"Usable clips ({type(self).__name__}): {', '.join(parts)}{tail}"
 
     def empty_message(self, split: str) -> str:
-        return f"data: the {split!r} split has no usable clips ({self.describe()}); give it at least one clip"
+        message = f"data: the {split!r} split has no usable clips ({self.describe()})"
+        if self.report is not None:
+            skipped = [b for b in self.report["bad"] if b.get("split") == split]
+            if skipped:
+                kinds = Counter(_reason_kind(b["reason"]) for b in skipped)
+                message += f"; {len(skipped)} of its clips were skipped ({', '.join(f'{k} {n}' for k, n in kinds.items())})"
+            message += f"; every skipped clip and why: {self.report['cache_dir']}/report.json"
+        return message + "; give it at least one usable clip"
 
     def dataloader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
         assert self.tokenizer is not None
+        dataset = self.dataset(split)
         return DataLoader(
-            CodesDataset(self.splits[split]),
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            collate_fn=CaptionCollator(self.tokenizer),
-            drop_last=shuffle and len(self.splits[split]) > self.batch_size,
+            collate_fn=CaptionCollator(self.tokenizer, self.max_text_tokens),
+            drop_last=shuffle and len(dataset) > self.batch_size,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -167,6 +526,31 @@ class CodesDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self.dataloader("val", shuffle=False)
+
+
+def _reason_kind(reason: str) -> str:
+    """The kind of a bad-sample reason ("too short: 0.2 s < 1 s" -> "too short") for the report's counts."""
+    return reason.split(":")[0].split(" (")[0].strip()
+
+
+def format_report(report: dict, max_listed: int = 20) -> str:
+    """The preparation report as text: usable clips per split, skipped clips by reason, the first few."""
+    splits = ", ".join(
+        f"{name} {info['clips']} clips ({info['seconds'] / 60:.1f} min)"
+        for name, info in report["splits"].items()
+    )
+    lines = [f"Token cache {report['cache_dir']}", f"  usable: {splits}"]
+    lines += [f"  {note}" for note in report.get("notes", [])]
+    if report.get("held_out"):
+        lines.append(f"  held out (split 'test'): {report['held_out']}")
+    if report["skipped"]:
+        kinds = ", ".join(f"{kind} {count}" for kind, count in report["skipped_by_reason"].items())
+        lines.append(f"  skipped {report['skipped']} of {report['listed']}: {kinds}")
+        lines += [f"    {bad['id']}: {bad['reason']}" for bad in report["bad"][:max_listed]]
+        if report["skipped"] > max_listed:
+            lines.append(f"    ... {report['skipped'] - max_listed} more")
+        lines.append(f"  full list: {report['cache_dir']}/report.json")
+    return "\n".join(lines)
 
 
 class SyntheticDataModule(CodesDataModule):
@@ -192,9 +576,15 @@ class SyntheticDataModule(CodesDataModule):
             "seed": self.seed,
         }
 
-    def load_audio(self, split: str, sample_rate: int) -> tuple[list[np.ndarray], list[str]]:
-        start, count = (0, self.num_train) if split == "train" else (self.num_train, self.num_val)
-        clips = synthesize_corpus(
-            count, seed=self.seed, seconds=self.seconds, sample_rate=sample_rate, start=start
+    def list_clips(self) -> Listing:
+        clips = [ClipRef(f"{i:06d}", "train", None) for i in range(self.num_train)]
+        clips += [
+            ClipRef(f"{i:06d}", "val", None) for i in range(self.num_train, self.num_train + self.num_val)
+        ]
+        return Listing(clips)
+
+    def load_clip(self, clip: ClipRef, sample_rate: int, min_samples: int) -> tuple[np.ndarray, str]:
+        synthetic = synthesize_clip(
+            int(clip.id), seed=self.seed, seconds=self.seconds, sample_rate=sample_rate
         )
-        return [clip.audio for clip in clips], [clip.caption for clip in clips]
+        return synthetic.audio, synthetic.caption
