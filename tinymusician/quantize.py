@@ -1,0 +1,180 @@
+"""Quantize a saved student: ``python -m tinymusician.quantize SOURCE quant=paper [OVERRIDES] [--out DIR]``.
+
+SOURCE is a ``save_pretrained`` directory, a hub id, ``tiny`` (the embedded default student) or a Lightning
+``.ckpt`` of a training run. The other ``key=value`` arguments are Hydra overrides of ``conf/train.yaml``,
+as for training: ``quant=paper|int8|adaptive`` picks the plan (required), ``quant.search.min_top1_agree=0.9``
+tunes it, ``data.*`` chooses the held-out clips the fidelity is measured on. The same
+:class:`~tinymusician.callbacks.quantize.QuantizeCallback` as in training does the work, so the bundle and
+``quant_report.json`` are identical; the bundle is then loaded back and generates a short clip as a check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from tinymusician.quant.config import check_quant_config
+from tinymusician.quant.plan import PlanError, known_plan_names
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+TEMPLATE = "a calm piano melody with soft drums"
+
+
+def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """``<run>/checkpoints/x.ckpt`` -> ``<run>``."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def load_source(source: str, cfg: DictConfig, base: str | None) -> tuple[Any, Any, str]:
+    """(fp32 student, tokenizer, description) for a model dir, hub id, ``tiny`` or Lightning checkpoint."""
+    import transformers
+
+    from tinymusician.models.musicgen import check_model_source, load_musicgen, load_tokenizer
+    from tinymusician.models.pair import TINY, resolve_sources
+
+    checkpoint = Path(source).expanduser() if source.endswith(".ckpt") else None
+    if checkpoint is not None:
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{checkpoint}: no such checkpoint")
+        architecture = base or str(run_dir_of(checkpoint) / "student")
+        if base is None and not Path(architecture, "config.json").is_file():
+            raise FileNotFoundError(
+                f"{checkpoint}: cannot tell the architecture ({architecture} has no config.json). Pass "
+                "--base with the save_pretrained directory (or hub id) the run trained from"
+            )
+    else:
+        architecture = source
+    if architecture == TINY:
+        with_tiny = cfg.model.copy()
+        with_tiny.student, with_tiny.teacher = TINY, None
+        architecture, _ = resolve_sources(with_tiny, cfg.paths.cache_dir)
+    check_model_source(architecture, "base" if checkpoint is not None else "SOURCE")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # MusicGen's pad id == vocab size is by design
+    try:
+        student = load_musicgen(architecture)
+        tokenizer = load_tokenizer(architecture)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        prefix = "student."
+        student_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not student_state:
+            raise ValueError(
+                f"{checkpoint}: no 'student.*' weights; is it a TinyMusician training checkpoint?"
+            )
+        student.load_state_dict(student_state, strict=True)
+        return student, tokenizer, f"{checkpoint} (architecture and tokenizer from {architecture})"
+    return student, tokenizer, architecture
+
+
+def check_generation(bundle_dir: Path, prompt: str, tokens: int) -> tuple[int, ...]:
+    """Load the bundle as a user would and generate; returns the audio shape (raises if not finite)."""
+    from tinymusician.models.musicgen import load_tokenizer
+    from tinymusician.quant.bundle import load_quantized
+
+    model = load_quantized(bundle_dir)
+    tokenizer = load_tokenizer(str(bundle_dir))
+    with torch.no_grad():
+        audio = model.generate(
+            **tokenizer([prompt], return_tensors="pt"), guidance_scale=3.0, max_new_tokens=tokens
+        )
+    if not torch.isfinite(audio.float()).all():
+        raise RuntimeError(f"{bundle_dir}: generated audio is not finite")
+    return tuple(audio.shape)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m tinymusician.quantize",
+        description=__doc__.split("\n\n")[0],
+        epilog=f"plans: {', '.join(known_plan_names())}. Example: python -m tinymusician.quantize "
+        "logs/kd_only/runs/<time>/student quant=int8 --out int8-bundle",
+    )
+    parser.add_argument("source", help="save_pretrained dir, hub id, `tiny`, or a Lightning .ckpt")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. quant=paper data.num_val=16")
+    parser.add_argument("--out", type=Path, default=None, help="bundle + report directory")
+    parser.add_argument(
+        "--base", default=None, help="architecture/tokenizer for a .ckpt (default: <run>/student)"
+    )
+    parser.add_argument("--prompt", default=TEMPLATE, help="prompt of the generation check")
+    parser.add_argument("--check-tokens", type=int, default=16, help="tokens generated as a check (0: skip)")
+    args = parser.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        parser.error(f"unexpected arguments {bad}: overrides are key=value (e.g. quant=paper)")
+    return args, args.overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args, overrides = parse_args(argv)
+    plan = next((o.split("=", 1)[1] for o in overrides if re.fullmatch(r"\+?quant=.*", o)), None)
+    if plan is None:
+        raise SystemExit(
+            f"choose a plan: quant={'|'.join(n for n in known_plan_names() if n != 'fp32')} "
+            "(the options of conf/quant/)"
+        )
+    name = Path(args.source.rstrip("/")).stem or "model"
+    output_dir = (args.out or Path("quantized") / f"{name}-{plan}").resolve()
+    cfg = compose_config(overrides, output_dir)
+    try:
+        check_quant_config(cfg.quant)
+    except PlanError as err:
+        raise SystemExit(f"quant: {err}") from None
+    if "_target_" not in cfg.quant:
+        raise SystemExit("quant=none does nothing; choose quant=paper|int8|adaptive")
+
+    student, tokenizer, description = load_source(args.source, cfg, args.base)
+    datamodule = instantiate(cfg.data)
+    datamodule.attach(student, tokenizer)
+    datamodule.setup("validate")
+    callback = instantiate(cfg.quant)
+    report = callback.run(student, tokenizer, datamodule, output_dir, source=description)
+    if report["status"] != "ok":
+        print(f"Quantization failed: {report['error']} (report: {callback.report_path})", file=sys.stderr)
+        return 1
+    size, fidelity = report["size"], report["fidelity"]
+    lines = [
+        f"Quantized {description}",
+        f"  plan              {report['plan_description']}",
+        "  size MB           "
+        + ", ".join(
+            f"{part} {size['before_mb'][part]:.1f} -> {size['after_mb'][part]:.1f}"
+            for part in size["after_mb"]
+        ),
+        f"  reduction         {100 * size['reduction']['total']:.1f}% (same parts, without the codec encoder: "
+        f"{100 * size['reduction']['deployed']:.1f}%)",
+        f"  fidelity          top-1 agreement {fidelity['top1_agree']:.4f}, KL {fidelity['kl']:.2e}, "
+        f"max |logit diff| {fidelity['max_logit_diff']:.3g} ({fidelity['positions']} held-out positions)",
+        f"  bundle            {callback.bundle_dir}  (tinymusician.quant.load_quantized(dir))",
+        f"  report            {callback.report_path}",
+    ]
+    if args.check_tokens > 0:
+        shape = check_generation(output_dir, args.prompt, args.check_tokens)
+        lines.append(f"  generation check  reloaded and generated audio {shape} from {args.prompt!r}")
+    print("\n".join(lines), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
