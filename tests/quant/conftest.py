@@ -24,6 +24,16 @@ def quiet_transformers():
     transformers.logging.set_verbosity_error()  # MusicGen's pad id == vocab size is by design
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models gain nothing from threads; on a busy machine, OpenMP threads waiting for a
+    descheduled peer stall every op (10-100x slower), so these tests run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def student(tiny_pair) -> MusicgenForConditionalGeneration:
     return load_musicgen(str(tiny_pair.student)).eval()

@@ -14,7 +14,8 @@ from tinymusician.quant import load_quantized
 from tinymusician.quantize import main as quantize_main
 from tinymusician.train import train
 
-QUICK = ["validate_before_fit=false", "trainer.val_check_interval=2"]
+# eval=none: these tests are about quantization; FAD/CLAP evaluation has its own tests
+QUICK = ["validate_before_fit=false", "trainer.val_check_interval=2", "eval=none"]
 
 
 def logged_metrics(run_dir) -> dict[str, float]:
@@ -39,7 +40,7 @@ def kd_quant_run(tiny_pair, tmp_path_factory):
 
 
 def test_kd_quant_run_writes_bundle_report_and_metrics(kd_quant_run):
-    run_dir, _, objects = kd_quant_run
+    run_dir, metrics, objects = kd_quant_run
     assert objects["summary"]["steps"] == 2
     report = json.loads((run_dir / "quantized" / REPORT_FILE).read_text())
     assert report["status"] == "ok" and report["plan"]["name"] == "paper"
@@ -54,6 +55,7 @@ def test_kd_quant_run_writes_bundle_report_and_metrics(kd_quant_run):
     assert logged["quant/size_mb"] == pytest.approx(size["after_mb"]["total"])
     assert logged["quant/top1_agree"] == pytest.approx(fidelity["top1_agree"])
     assert logged["quant/failed"] == 0.0 and "quant/kl" in logged and "quant/top1_agree_q3" in logged
+    assert metrics["quant/top1_agree"] == pytest.approx(fidelity["top1_agree"])  # returned by train() too
     # the callback exposes the quantized model to later callbacks (evaluation)
     callback = quant_callback(objects)
     assert callback.quantized_model is not None and callback.quantized_model.precision_plan.name == "paper"

@@ -88,6 +88,7 @@ class QuantizeCallback(L.Callback):
         self.quantized_model: MusicgenForConditionalGeneration | None = None
         self.plan: PrecisionPlan | None = None
         self.report: dict[str, Any] | None = None
+        self.last_metrics: dict[str, float] = {}  # the quant/* scalars (train() adds them to its metrics)
         self.report_path: Path | None = None
         self.bundle_dir: Path | None = None
 
@@ -208,6 +209,7 @@ class QuantizeCallback(L.Callback):
         self.report_path = output_dir / REPORT_FILE
         self.report_path.write_text(json.dumps(report, indent=2, default=str))
         metrics = report_metrics(report)
+        self.last_metrics = metrics
         for logger in loggers:
             logger.log_metrics(metrics, step=step)
             logger.save()

@@ -8,6 +8,8 @@ from pathlib import Path
 import lightning as L
 from transformers import PreTrainedTokenizerBase
 
+from tinymusician.models.musicgen import save_musicgen
+
 log = logging.getLogger(__name__)
 
 
@@ -24,8 +26,6 @@ class SaveStudent(L.Callback):
         self.saved_dir: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from tinymusician.models.tiny import save_model
-
         if trainer.is_global_zero:
-            self.saved_dir = save_model(pl_module.student, self.tokenizer, self.dirpath)
+            self.saved_dir = save_musicgen(pl_module.student, self.tokenizer, self.dirpath)
             log.info("Saved the student to %s", self.saved_dir)

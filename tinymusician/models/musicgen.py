@@ -90,6 +90,17 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     )
 
 
+def save_musicgen(
+    model: MusicgenForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, directory: str | Path
+) -> Path:
+    """``save_pretrained`` model (safetensors) and tokenizer into one directory, as on the hub."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """Eval mode and no gradients: for the teacher and for the student's frozen text encoder / codec."""
     model.eval()

@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from tinymusician.data.synthetic import caption_words, synthesize_corpus
+from tinymusician.models.musicgen import save_musicgen
 
 log = logging.getLogger(__name__)
 
@@ -198,14 +199,6 @@ def configure_generation(model: MusicgenForConditionalGeneration) -> None:
     gen.max_length = 1500
 
 
-def save_model(model: MusicgenForConditionalGeneration, tokenizer: T5Tokenizer, directory: Path) -> Path:
-    """``save_pretrained`` model (safetensors) and tokenizer into one directory, as on the hub."""
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def train_tiny_teacher(
     teacher: MusicgenForConditionalGeneration, tokenizer: T5Tokenizer, spec: TinySpec, cache_dir: Path
 ) -> float:
@@ -274,9 +267,9 @@ def ensure_tiny_pair(
     teacher, student, tokenizer = build_untrained_pair(spec)
     staging = cache_dir / f".tiny-{spec.key()}-staging"
     shutil.rmtree(staging, ignore_errors=True)
-    save_model(student, tokenizer, staging / "student")
+    save_musicgen(student, tokenizer, staging / "student")
     teacher_ce = train_tiny_teacher(teacher, tokenizer, spec, cache_dir)
-    save_model(teacher, tokenizer, staging / "teacher")
+    save_musicgen(teacher, tokenizer, staging / "teacher")
     report = {
         "spec": dataclasses.asdict(spec),
         "recipe": RECIPE_VERSION,

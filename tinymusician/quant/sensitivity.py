@@ -236,7 +236,7 @@ def search_plan(
             del candidate
             # KL >= 0; rounding can give -1e-9 on identical distributions
             options[unit].append(Option(unit, precision, mb, max(fidelity.kl, 0.0), fidelity.top1_agree))
-            log.info(
+            log.debug(
                 "adaptive: %s at %s alone: KL %.3g, top-1 %.4f",
                 unit,
                 precision,
@@ -274,7 +274,7 @@ def search_plan(
                 "meets": meets,
             }
         )
-        log.info("adaptive: %s -> %s", action, steps[-1])
+        log.debug("adaptive: %s -> %s", action, steps[-1])
         if meets:
             break
         promotable = [unit for unit in units if level[unit] < len(ladders[unit]) - 1]
