@@ -25,6 +25,7 @@ from tinymusician.data.datamodule import CodesDataModule
 from tinymusician.distill.losses import DistillationLoss
 from tinymusician.distill.module import DistillationModule
 from tinymusician.models.pair import check_model_config, load_teacher_student
+from tinymusician.quant import check_quant_config
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,10 @@ def check_config(cfg: DictConfig) -> tuple[DistillationLoss, CodesDataModule, li
     if not 0.0 <= float(cfg.get("cond_dropout", 0.0)) < 1.0:
         raise ConfigError(f"cond_dropout={cfg.cond_dropout}: must be in [0, 1)")
     check_model_config(cfg.model)
+    try:
+        check_quant_config(cfg.get("quant"))
+    except Exception as err:
+        raise ConfigError(f"quant: {err}") from err
     post_training = []
     for group in ("quant", "eval"):
         if cfg.get(group) and "_target_" in cfg[group]:
