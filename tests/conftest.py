@@ -9,6 +9,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # a test that needs the network is a bug
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -46,6 +47,31 @@ def tiny_pair(cache_dir: Path):
     from tinymusician.models.tiny import ensure_tiny_pair
 
     return ensure_tiny_pair(cache_dir, TinySpec(**FAST_TINY))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core VM, OpenMP threads waiting for a
+    descheduled peer stall every op (10-100x slower). Opt in per module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def student(tiny_pair):
+    """The fast tiny student, loaded through the public path (from_pretrained returns it in eval mode)."""
+    from tinymusician.models.musicgen import load_musicgen
+
+    return load_musicgen(str(tiny_pair.student))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_pair):
+    from tinymusician.models.musicgen import load_tokenizer
+
+    return load_tokenizer(str(tiny_pair.student))
 
 
 def compose_train_cfg(overrides: list[str], output_dir: Path, fast: bool = True) -> DictConfig:

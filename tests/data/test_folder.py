@@ -14,7 +14,6 @@ from tests.conftest import FAST_OVERRIDES, compose_train_cfg
 from tinymusician.data.audio import AUDIO_EXTENSIONS, BadSampleError
 from tinymusician.data.datamodule import EmptySplitError, hash_split
 from tinymusician.data.folder import FolderDataModule
-from tinymusician.models.musicgen import load_musicgen, load_tokenizer
 from tinymusician.train import ConfigError, check_config, train
 
 # FAST_OVERRIDES without the synthetic corpus's keys, which data=folder does not have.
@@ -50,16 +49,6 @@ def good_folder(root: Path, count: int = 6, seconds: float = 2.0) -> Path:
         rows.append({"file_name": name, "text": f"a tone number {i}"})
     write_metadata(root, rows)
     return root
-
-
-@pytest.fixture(scope="module")
-def student(tiny_pair):
-    return load_musicgen(str(tiny_pair.student))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_pair):
-    return load_tokenizer(str(tiny_pair.student))
 
 
 def folder(root: Path, cache: Path, **kwargs) -> FolderDataModule:

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from tinymusician.data import datamodule as datamodule_module
 from tinymusician.data.datamodule import SegmentDataset, SyntheticDataModule, encode_audio
 from tinymusician.data.synthetic import synthesize_corpus
 from tinymusician.data.token_cache import ShardedTokenCache, TokenSplit
-from tinymusician.models.musicgen import codec_encode, load_musicgen, load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def student(tiny_pair):
-    return load_musicgen(str(tiny_pair.student))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_pair):
-    return load_tokenizer(str(tiny_pair.student))
+from tinymusician.models.musicgen import codec_encode, load_musicgen
 
 
 def ragged_split() -> TokenSplit:

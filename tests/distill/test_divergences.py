@@ -12,13 +12,7 @@ from tinymusician.distill import divergences as div
 B, K, T, V = 2, 3, 6, 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and waking them costs ms per op on small VMs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # name -> (function, parameter name, parameter values tested)

@@ -19,12 +19,7 @@ NAMES = ["ce", "fkl", "rkl", "skl", "srkl", "jsd", "akl", "stage_mixed"]
 B, K, T, V = 2, 4, 5, 9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _inputs(seed=0):

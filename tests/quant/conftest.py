@@ -7,7 +7,6 @@ import torch
 import transformers
 from transformers import MusicgenForConditionalGeneration
 
-from tinymusician.models.musicgen import load_musicgen, load_tokenizer
 from tinymusician.models.tiny import (
     DecoderSize,
     TinySpec,
@@ -25,23 +24,9 @@ def quiet_transformers():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from threads; on a busy machine, OpenMP threads waiting for a
-    descheduled peer stall every op (10-100x slower), so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(single_thread):
+    """Every quantization test module runs single-threaded (see tests/conftest.py: single_thread)."""
     yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def student(tiny_pair) -> MusicgenForConditionalGeneration:
-    return load_musicgen(str(tiny_pair.student)).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_pair):
-    return load_tokenizer(str(tiny_pair.student))
 
 
 def make_batches(model, tokenizer, count: int = 2, frames: int = 16, seed: int = 0) -> list[dict]:
