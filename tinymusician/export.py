@@ -1,0 +1,78 @@
+"""Export to ONNX: ``python -m tinymusician.export MODEL --out bundle/ [--precision fp32 int8 int4]``.
+
+MODEL is a ``save_pretrained`` dir (e.g. a run's ``student/``), a hub id, ``tiny`` or a training ``.ckpt``.
+The bundle has the Hugging Face / transformers.js layout (see :mod:`tinymusician.onnx.export`), is checked
+after writing (each graph against PyTorch on shapes not used at export, then a short generation from a
+fresh load), and runs with ``python -m tinymusician.generate "..." --model bundle/`` or in transformers.js.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tinymusician.onnx.export import DEFAULT_OPSET, PRECISIONS, ExportError, export_bundle
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tinymusician.export", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("model", help="save_pretrained dir, hub id, `tiny`, or a Lightning .ckpt")
+    parser.add_argument("--out", type=Path, required=True, help="bundle directory (created)")
+    parser.add_argument(
+        "--precision", nargs="+", default=["fp32"], choices=list(PRECISIONS), help="graph precisions to write"
+    )
+    parser.add_argument(
+        "--base", default=None, help="architecture/tokenizer for a .ckpt (default: <run>/student)"
+    )
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--max-text-tokens", type=int, default=256, help="longer prompts are truncated")
+    parser.add_argument("--no-check", action="store_true", help="skip the parity and generation check")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from tinymusician.models.source import load_named_model
+    from tinymusician.onnx.check import check_bundle
+
+    try:
+        model, tokenizer, description = load_named_model(args.model, args.base)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        manifest = export_bundle(
+            model,
+            tokenizer,
+            args.out,
+            precisions=args.precision,
+            opset=args.opset,
+            source=description,
+            max_text_tokens=args.max_text_tokens,
+        )
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    lines = [
+        f"Exported {description} -> {args.out} (opset {manifest['opset']}, {manifest['export_seconds']} s)"
+    ]
+    for relative, entry in manifest["files"].items():
+        lines.append(f"  {relative:<45} {entry['precision']:<5} {entry['bytes'] / 1e6:9.1f} MB")
+    if not args.no_check:
+        report = check_bundle(model, args.out, manifest["precisions"])
+        for precision, result in report.items():
+            lines.append(f"  check {precision:<5} {result}")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Text to music: ``python -m tinymusician.generate "PROMPT" [...] --model MODEL --seconds 10 --out a.wav``.
+
+MODEL is an exported ONNX bundle (a directory with ``manifest.json``: runs on ONNX Runtime, NumPy and
+tokenizers only) or anything PyTorch loads: a ``save_pretrained`` dir, a hub id, ``tiny`` or a training
+``.ckpt``. Both backends use the same decoding (delay pattern, classifier-free guidance, temperature + top-k
+sampling, or ``--greedy``), show progress, and report the real-time factor (compute seconds per second of
+audio; below 1.0 is faster than real time). Several prompts are generated as one batch and written as
+``a.wav``, ``a-1.wav``, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tinymusician.onnx.runtime import BundleError, GenerationError, TinyMusicianONNX
+
+log = logging.getLogger(__name__)
+
+
+def is_bundle(model: str) -> bool:
+    return (Path(model).expanduser() / "manifest.json").is_file()
+
+
+def output_paths(out: Path, count: int) -> list[Path]:
+    return [out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def write_wavs(out: Path, audio: np.ndarray, sample_rate: int) -> list[Path]:
+    """``[B, samples]`` float audio -> 16-bit PCM WAVs (clipped to [-1, 1])."""
+    import soundfile as sf
+
+    paths = output_paths(out, len(audio))
+    for path, clip in zip(paths, audio, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(str(path), np.clip(clip, -1.0, 1.0), sample_rate, subtype="PCM_16")
+    return paths
+
+
+def torch_generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    frames: int,
+    *,
+    guidance_scale: float = 3.0,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int = 250,
+    seed: int | None = None,
+    max_text_tokens: int = 256,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' ``generate`` for exactly ``frames`` codec frames -> (audio ``[B, samples]``, codes ``[B, K, T]``).
+
+    The codes are taken where ``generate`` hands them to the codec decoder, so they are transformers' own.
+    """
+    import torch
+
+    if any(not p.strip() for p in prompts) or not prompts:
+        raise GenerationError("empty prompt: describe the music to generate")
+    num_codebooks = model.decoder.config.num_codebooks
+    text = tokenizer(
+        list(prompts), padding=True, truncation=True, max_length=max_text_tokens, return_tensors="pt"
+    )
+    captured: list[torch.Tensor] = []
+    codec = model.audio_encoder
+    original_decode = codec.decode
+
+    def decode(audio_codes: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        captured.append(audio_codes[0].clone())
+        return original_decode(audio_codes, *args, **kwargs)
+
+    streamer = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        class Progress:  # transformers' streamer protocol: put() per step, end() at the end
+            def __init__(self) -> None:
+                self.bar = tqdm(total=frames + num_codebooks - 1, desc="Generating", unit="step")
+                self.first = True
+
+            def put(self, value: torch.Tensor) -> None:
+                if self.first:  # the prompt (BOS) arrives first
+                    self.first = False
+                    return
+                self.bar.update(1)
+
+            def end(self) -> None:
+                self.bar.close()
+
+        streamer = Progress()
+    codec.decode = decode
+    try:
+        with torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            audio = model.generate(
+                **text,
+                do_sample=do_sample,
+                guidance_scale=guidance_scale,
+                temperature=temperature if do_sample else None,
+                top_k=top_k if do_sample else None,
+                max_new_tokens=frames + num_codebooks - 1,
+                streamer=streamer,
+            )
+    finally:
+        del codec.decode  # back to the class method
+    audio = getattr(audio, "sequences", audio)
+    return audio.float().mean(dim=1).numpy(), captured[0].numpy()
+
+
+def run_torch(args: argparse.Namespace) -> tuple[np.ndarray, int, dict[str, float]]:
+    import torch
+
+    from tinymusician.models.source import load_named_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, description = load_named_model(args.model)
+    model.eval()
+    log.info("PyTorch backend: %s", description)
+    codec = model.config.audio_encoder
+    frame_rate = int(codec.frame_rate)
+    frames = round(args.seconds * frame_rate)
+    low = max(model.decoder.config.num_codebooks, int(codec.kernel_size))
+    if frames < low:
+        raise GenerationError(
+            f"seconds={args.seconds}: {frames} frames; at least {low} ({low / frame_rate:.2f} s)"
+        )
+    started = time.perf_counter()
+    audio, _ = torch_generate(
+        model,
+        tokenizer,
+        args.prompts,
+        frames,
+        guidance_scale=args.guidance_scale,
+        do_sample=not args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        progress=True,
+    )
+    compute = time.perf_counter() - started
+    audio_seconds = frames / frame_rate
+    return (
+        audio,
+        int(codec.sampling_rate),
+        {"compute_s": compute, "audio_s": audio_seconds, "rtf": compute / audio_seconds},
+    )
+
+
+def run_onnx(args: argparse.Namespace) -> tuple[np.ndarray, int, dict[str, float]]:
+    model = TinyMusicianONNX(args.model, precision=args.precision, threads=args.threads)
+    log.info("ONNX Runtime backend: %s (%s)", args.model, model.precisions)
+    audio = model.generate(
+        args.prompts,
+        args.seconds,
+        guidance_scale=args.guidance_scale,
+        do_sample=not args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        progress=True,
+    )
+    return audio, model.sampling_rate, model.last_stats
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tinymusician.generate", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("prompts", nargs="+", help="one or more descriptions of the music")
+    parser.add_argument(
+        "--model", required=True, help="ONNX bundle dir, save_pretrained dir, hub id, tiny, or .ckpt"
+    )
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--out", type=Path, default=Path("generated.wav"))
+    parser.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance (1: off)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=250)
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "int8", "int4"],
+        help="ONNX graphs to load (bundle only)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    backend = "onnx" if is_bundle(args.model) else "torch"
+    try:
+        audio, sample_rate, stats = run_onnx(args) if backend == "onnx" else run_torch(args)
+    except (BundleError, GenerationError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    paths = write_wavs(args.out, audio, sample_rate)
+    speed = "faster than real time" if stats["rtf"] < 1 else "slower than real time"
+    print(
+        f"Wrote {', '.join(map(str, paths))}: {len(paths)} x {stats['audio_s']:.2f} s at {sample_rate} Hz "
+        f"({backend}); compute {stats['compute_s']:.2f} s, real-time factor {stats['rtf']:.3f} ({speed})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Write a MusicGen model as an ONNX bundle in the Hugging Face / transformers.js layout.
+
+```
+bundle/
+  config.json  generation_config.json  tokenizer.json  tokenizer_config.json
+  manifest.json                       what was exported: graphs, precisions, sizes, hashes, versions
+  onnx/text_encoder{,_quantized,_q4}.onnx
+  onnx/decoder_model_merged{,_quantized,_q4}.onnx
+  onnx/encodec_decode.onnx            always fp32 (the paper keeps the codec decoder in full precision)
+```
+
+Suffixes are transformers.js's (``_quantized`` = its ``q8`` dtype, ``_q4`` = ``q4``), so a per-file dtype map
+such as ``{text_encoder: "q8", decoder_model_merged: "q8", encodec_decode: "fp32"}`` picks them. 8-bit is
+ONNX Runtime's dynamic quantization (int8 weights, per-tensor scales for activations computed at run time);
+4-bit is ONNX Runtime's block-wise weight-only ``MatMulNBits``. Each decoder graph (first step and cached
+step) is quantized before the two are merged, so the merged graph shares one copy of every weight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import onnx
+from transformers import MusicgenForConditionalGeneration, PreTrainedTokenizerBase
+
+from tinymusician.onnx.graphs import decoder_spec, encodec_decode_spec, export_graph, text_encoder_spec
+from tinymusician.onnx.merge import merge_decoders
+
+log = logging.getLogger(__name__)
+
+FORMAT = "tinymusician-onnx"
+FORMAT_VERSION = 1
+DEFAULT_OPSET = 17
+PRECISIONS = {"fp32": "", "int8": "_quantized", "int4": "_q4"}
+QUANTIZABLE = ("text_encoder", "decoder_model_merged")  # encodec_decode stays fp32
+GRAPHS = ("text_encoder", "decoder_model_merged", "encodec_decode")
+INT4_BLOCK_SIZE = 32
+
+
+class ExportError(ValueError):
+    """A bundle that cannot be written as asked; the message says what to change."""
+
+
+def graph_file(graph: str, precision: str) -> str:
+    """``onnx/<graph><suffix>.onnx``; the codec decoder is only ever fp32."""
+    suffix = PRECISIONS[precision] if graph in QUANTIZABLE else ""
+    return f"onnx/{graph}{suffix}.onnx"
+
+
+def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Dynamic 8-bit quantization of MatMul weights (ONNX Runtime), per output channel."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as scratch:
+        source, target = Path(scratch, "in.onnx"), Path(scratch, "out.onnx")
+        onnx.save(model, source)
+        quantize_dynamic(
+            source, target, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8
+        )
+        return onnx.load(target)
+
+
+def quantize_int4(model: onnx.ModelProto, block_size: int = INT4_BLOCK_SIZE) -> onnx.ModelProto:
+    """Block-wise symmetric 4-bit weights (``MatMulNBits``); activations stay fp32, int8 accumulation."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4
+    )
+    quantizer.process()
+    return quantizer.model.model
+
+
+QUANTIZERS = {"fp32": lambda model: model, "int8": quantize_int8, "int4": quantize_int4}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_facts(model: MusicgenForConditionalGeneration) -> dict[str, Any]:
+    """What the runtime needs to generate without reading the transformers config."""
+    decoder, codec = model.decoder.config, model.config.audio_encoder
+    return {
+        "num_codebooks": decoder.num_codebooks,
+        "vocab_size": decoder.vocab_size,
+        "pad_token_id": decoder.pad_token_id,
+        "decoder_start_token_id": model.generation_config.decoder_start_token_id,
+        "num_layers": decoder.num_hidden_layers,
+        "num_heads": decoder.num_attention_heads,
+        "head_dim": decoder.hidden_size // decoder.num_attention_heads,
+        "text_hidden_size": model.text_encoder.config.hidden_size,
+        "sampling_rate": int(codec.sampling_rate),
+        "frame_rate": int(codec.frame_rate),
+        # The codec's first convolution reflect-pads kernel_size - 1 samples: shorter code sequences fail.
+        "min_frames": max(decoder.num_codebooks, int(codec.kernel_size)),
+        # Positions are a fixed table in the graph: the delayed sequence must fit in it.
+        "max_frames": decoder.max_position_embeddings - decoder.num_codebooks + 1,
+    }
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "tinymusician": version("tinymusician"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    """Inline weights below 2 GB (protobuf's limit); above it, one external data file beside the graph."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    large = model.ByteSize() > 2_000_000_000
+    onnx.save(model, path, save_as_external_data=large, location=f"{path.name}_data" if large else None)
+    return path
+
+
+def export_bundle(
+    model: MusicgenForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    *,
+    precisions: Iterable[str] = ("fp32",),
+    opset: int = DEFAULT_OPSET,
+    source: str = "",
+    max_text_tokens: int = 256,
+) -> dict[str, Any]:
+    """Export ``model`` into ``out_dir`` and return the manifest (also written to ``manifest.json``)."""
+    precisions = list(dict.fromkeys(precisions))
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        raise ExportError(f"precision {unknown or precisions}: choose from {list(PRECISIONS)}")
+    if model.config.decoder.audio_channels != 1:
+        raise ExportError("stereo MusicGen is not supported by the exporter (transformers.js decodes mono)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.float().eval()
+    started = time.perf_counter()
+    files: dict[str, dict[str, Any]] = {}
+
+    def record(graph: str, precision: str, proto: onnx.ModelProto) -> None:
+        relative = graph_file(graph, precision)
+        path = save(proto, out / relative)
+        files[relative] = {"graph": graph, "precision": precision, "bytes": path.stat().st_size}
+        log.info("wrote %s (%.1f MB)", relative, path.stat().st_size / 1e6)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        traced = {}
+        for name, spec in (
+            ("text_encoder", text_encoder_spec(model)),
+            ("decoder_first", decoder_spec(model, with_past=False)),
+            ("decoder_cached", decoder_spec(model, with_past=True)),
+            ("encodec_decode", encodec_decode_spec(model)),
+        ):
+            log.info("tracing %s", name)
+            traced[name] = export_graph(spec, Path(scratch, f"{name}.onnx"), opset)
+        record("encodec_decode", "fp32", onnx.load(traced["encodec_decode"]))
+        for precision in precisions:
+            log.info("writing %s graphs", precision)
+            quantize = QUANTIZERS[precision]
+            record("text_encoder", precision, quantize(onnx.load(traced["text_encoder"])))
+            first = quantize(onnx.load(traced["decoder_first"]))
+            cached = quantize(onnx.load(traced["decoder_cached"]))
+            record("decoder_model_merged", precision, merge_decoders(first, cached))
+    for relative, entry in files.items():
+        entry["sha256"] = sha256(out / relative)
+
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if not (out / "tokenizer.json").is_file():
+        raise ExportError(
+            f"{type(tokenizer).__name__} wrote no tokenizer.json; transformers.js and the ONNX runtime need "
+            "a fast (tokenizers) tokenizer"
+        )
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "opset": opset,
+        "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
+        "precisions": precisions,
+        "graphs": list(GRAPHS),
+        "files": files,
+        "model": model_facts(model),
+        "max_text_tokens": max_text_tokens,
+        "versions": versions(),
+        "export_seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

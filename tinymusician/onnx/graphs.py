@@ -1,0 +1,194 @@
+"""The three torch modules that become the ONNX graphs, with the tensor names transformers.js expects.
+
+Each wrapper takes and returns plain tensors (no ``Cache`` objects, no dicts), so the legacy TorchScript
+exporter (``dynamo=False``; REFERENCES.md: the dynamo exporter fails on T5, the cached decoder and EnCodec)
+can trace it. Wrappers are always ``.eval()``-ed by :func:`export_graph`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import MusicgenForConditionalGeneration
+from transformers.cache_utils import EncoderDecoderCache
+
+PAST_KINDS = ("decoder.key", "decoder.value", "encoder.key", "encoder.value")
+
+
+def past_names(num_layers: int, prefix: str = "past_key_values") -> list[str]:
+    """``past_key_values.{i}.decoder.key`` ... in the order the decoder graph takes (and returns) them."""
+    return [f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in PAST_KINDS]
+
+
+class TextEncoderGraph(nn.Module):
+    """``input_ids``, ``attention_mask`` -> raw T5 ``last_hidden_state`` (projection lives in the decoder)."""
+
+    def __init__(self, model: MusicgenForConditionalGeneration) -> None:
+        super().__init__()
+        self.text_encoder = model.text_encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class DecoderGraph(nn.Module):
+    """One decoder call: the first step (``with_past=False``) or a cached step, HF's ``(B*K, T)`` layout.
+
+    Projects and masks the raw T5 states exactly as ``MusicgenForConditionalGeneration.forward`` does. The
+    cached step still receives ``encoder_hidden_states``: without it transformers skips cross-attention
+    silently (REFERENCES.md pitfall), even though the cached encoder keys/values are what it attends to.
+    """
+
+    def __init__(self, model: MusicgenForConditionalGeneration, with_past: bool) -> None:
+        super().__init__()
+        self.decoder = model.decoder
+        uses_proj = (
+            model.text_encoder.config.hidden_size != model.decoder.config.hidden_size
+            and model.decoder.config.cross_attention_hidden_size is None
+        )
+        self.enc_to_dec_proj = model.enc_to_dec_proj if uses_proj else None
+        self.with_past = with_past
+        self.num_layers = model.decoder.config.num_hidden_layers
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        hidden = encoder_hidden_states
+        if self.enc_to_dec_proj is not None:
+            hidden = self.enc_to_dec_proj(hidden)
+        hidden = hidden * encoder_attention_mask[..., None].to(hidden.dtype)
+        cache = None
+        if self.with_past:
+            cache = EncoderDecoderCache([tuple(past[4 * i : 4 * i + 4]) for i in range(self.num_layers)])
+        out = self.decoder(
+            input_ids=input_ids,
+            encoder_hidden_states=hidden,
+            encoder_attention_mask=encoder_attention_mask,
+            cache=cache,
+            use_cache=True,
+        )
+        present = []
+        for layer in range(self.num_layers):
+            own = out.cache.self_attention_cache.layers[layer]
+            cross = out.cache.cross_attention_cache.layers[layer]
+            present += [own.keys, own.values, cross.keys, cross.values]
+        return (out.logits, *present)
+
+
+class EncodecDecodeGraph(nn.Module):
+    """``audio_codes`` int64 ``[1, B, K, T]`` -> ``audio_values [B, 1, samples]`` (EnCodec decoder only)."""
+
+    def __init__(self, model: MusicgenForConditionalGeneration) -> None:
+        super().__init__()
+        self.audio_encoder = model.audio_encoder
+
+    def forward(self, audio_codes: torch.Tensor) -> torch.Tensor:
+        return self.audio_encoder.decode(audio_codes, [None]).audio_values
+
+
+@dataclass
+class GraphSpec:
+    """What to trace: example inputs and the names / dynamic axes transformers.js reads."""
+
+    module: nn.Module
+    args: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+
+
+def text_encoder_spec(model: MusicgenForConditionalGeneration) -> GraphSpec:
+    # A padded example row: the traced graph must keep the attention-mask path.
+    input_ids = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
+    mask = (input_ids != 0).long()
+    axes = {0: "batch_size", 1: "encoder_sequence_length"}
+    return GraphSpec(
+        TextEncoderGraph(model),
+        (input_ids, mask),
+        ["input_ids", "attention_mask"],
+        ["last_hidden_state"],
+        {"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
+    )
+
+
+def decoder_spec(model: MusicgenForConditionalGeneration, with_past: bool) -> GraphSpec:
+    """Example shapes differ from the ones tests check (batch 2, text 5 with padding, 3 cached steps)."""
+    config = model.decoder.config
+    num_codebooks, heads = config.num_codebooks, config.num_attention_heads
+    head_dim = config.hidden_size // heads
+    batch, text_len, steps, past_len = 2, 5, 2 if not with_past else 1, 3
+    text_hidden = torch.randn(batch, text_len, model.text_encoder.config.hidden_size)
+    text_mask = torch.ones(batch, text_len, dtype=torch.long)
+    text_mask[1, 3:] = 0
+    input_ids = torch.randint(0, config.vocab_size, (batch * num_codebooks, steps))
+    args = [input_ids, text_hidden, text_mask]
+    names = ["input_ids", "encoder_hidden_states", "encoder_attention_mask"]
+    axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: "batch_size_x_num_codebooks", 1: "decoder_sequence_length"},
+        "encoder_hidden_states": {0: "batch_size", 1: "encoder_sequence_length"},
+        "encoder_attention_mask": {0: "batch_size", 1: "encoder_sequence_length"},
+        "logits": {0: "batch_size_x_num_codebooks", 1: "decoder_sequence_length"},
+    }
+    num_layers = config.num_hidden_layers
+    if with_past:
+        for name in past_names(num_layers):
+            length = past_len if ".decoder." in name else text_len
+            args.append(torch.randn(batch, heads, length, head_dim))
+            seq = "past_decoder_sequence_length" if ".decoder." in name else "encoder_sequence_length_out"
+            axes[name] = {0: "batch_size", 2: seq}
+        names += past_names(num_layers)
+    for name in past_names(num_layers, "present"):
+        seq = "present_decoder_sequence_length" if ".decoder." in name else "encoder_sequence_length_out"
+        axes[name] = {0: "batch_size", 2: seq}
+    return GraphSpec(
+        DecoderGraph(model, with_past),
+        tuple(args),
+        names,
+        ["logits", *past_names(num_layers, "present")],
+        axes,
+    )
+
+
+def encodec_decode_spec(model: MusicgenForConditionalGeneration) -> GraphSpec:
+    config = model.decoder.config
+    codes = torch.randint(0, config.vocab_size, (1, 2, config.num_codebooks, 7))
+    return GraphSpec(
+        EncodecDecodeGraph(model),
+        (codes,),
+        ["audio_codes"],
+        ["audio_values"],
+        {
+            "audio_codes": {1: "batch_size", 3: "chunk_length"},
+            "audio_values": {0: "batch_size", 2: "audio_length"},
+        },
+    )
+
+
+def export_graph(spec: GraphSpec, path: Path, opset: int) -> Path:
+    """Trace ``spec`` with the legacy exporter into ``path`` (weights inline; external data only if > 2 GB)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec.module.eval()
+    # Tracer warnings flag Python branches on shapes; the parity tests check the shapes that matter.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        torch.onnx.export(
+            spec.module,
+            spec.args,
+            str(path),
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return path
