@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from tinymusician.onnx.runtime import TinyMusicianONNX
+from tinymusician.onnx.runtime import TinyMusicianONNX, read_manifest
 
 CHECK_PROMPTS = ("a calm piano melody with soft drums", "fast loud electric guitar")
 
@@ -41,7 +41,7 @@ def check_bundle(model: Any, bundle: str | Path, precisions: list[str]) -> dict[
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(bundle))
-    frames = max(int(TinyMusicianONNX(bundle).facts["min_frames"]), 25)
+    frames = max(int(read_manifest(Path(bundle))["model"]["min_frames"]), 25)
     lines = {}
     for precision in precisions:
         result = compare_greedy(model, tokenizer, bundle, precision, frames)

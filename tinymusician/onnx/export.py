@@ -58,13 +58,21 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     """Dynamic 8-bit quantization of MatMul weights (ONNX Runtime), per output channel."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory() as scratch:
-        source, target = Path(scratch, "in.onnx"), Path(scratch, "out.onnx")
-        onnx.save(model, source)
-        quantize_dynamic(
-            source, target, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8
-        )
-        return onnx.load(target)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(
+        max(level, logging.WARNING)
+    )  # the quantizer logs one INFO line per tensor on the root logger
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            source, target = Path(scratch, "in.onnx"), Path(scratch, "out.onnx")
+            onnx.save(model, source)
+            quantize_dynamic(
+                source, target, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8
+            )
+            return onnx.load(target)
+    finally:
+        root.setLevel(level)
 
 
 def quantize_int4(model: onnx.ModelProto, block_size: int = INT4_BLOCK_SIZE) -> onnx.ModelProto:

@@ -106,7 +106,7 @@ def check_files(
     for relative in wanted:
         entry = manifest["files"].get(relative)
         path = bundle / relative
-        exported = sorted({f["precision"] for f in manifest["files"].values()})
+        exported = manifest["precisions"]
         if entry is None:
             raise BundleError(
                 f"{bundle}: {relative} was not exported (precisions in this bundle: {exported}); "

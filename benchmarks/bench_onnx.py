@@ -1,0 +1,162 @@
+"""Real-time factor, peak memory and size of PyTorch vs ONNX Runtime generation, side by side in one run.
+
+Model: a random-weight model with MusicGen-Small's architecture (see bench_quant.py; no download), or
+``--tiny`` for the embedded tiny student (seconds). It is saved once, exported once (fp32, int8, int4), then
+each backend generates the same prompt in its own process (so peak RSS is that backend's alone):
+
+- ``torch-fp32``  transformers' ``generate`` (eager PyTorch, fp32)
+- ``torch-int8``  the same after TinyMusician's int8 plan (dynamic int8 decoder + T5)
+- ``ort-fp32`` / ``ort-int8`` / ``ort-int4``  :class:`TinyMusicianONNX` on the exported graphs
+
+Every run: ``--seconds`` of audio (10), classifier-free guidance 3, top-k 250 sampling, seed 0, batch 1,
+``--threads`` CPU threads (2). RTF = seconds of compute (text encoder + decoding + codec decoder) per second
+of audio; below 1.0 is faster than real time. Backends run in turn, ``--rounds`` times round-robin; the best
+round counts. Targets: ORT int8 RTF <= 1.0 and >= 3x faster than PyTorch fp32 eager. Exits 0 either way.
+
+    python benchmarks/bench_onnx.py [--seconds 10] [--rounds 1] [--threads 2] [--tiny] [--backends ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BACKENDS = ("torch-fp32", "torch-int8", "ort-fp32", "ort-int8", "ort-int4")
+PROMPT = "lo-fi hip hop beat with warm piano chords and vinyl crackle"
+
+
+def peak_rss_mb() -> float:
+    """This process's resident high-water mark (VmHWM: unlike ru_maxrss, not inherited across exec)."""
+    from bench_divergences import _status_kib
+
+    return _status_kib("VmHWM") / 1024
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One generation in this process; prints one JSON line."""
+    if args.backend.startswith("ort"):
+        from tinymusician.onnx.runtime import TinyMusicianONNX
+
+        model = TinyMusicianONNX(args.bundle, precision=args.backend.split("-")[1], threads=args.threads)
+        loaded = peak_rss_mb()
+        model.generate([PROMPT], args.seconds, seed=0)
+        stats = model.last_stats
+    else:
+        import torch
+
+        from tinymusician.generate import torch_generate
+        from tinymusician.models.musicgen import load_musicgen, load_tokenizer
+
+        torch.set_num_threads(args.threads)
+        model = load_musicgen(args.model_dir).eval()
+        if args.backend == "torch-int8":
+            from tinymusician.quant import quantize_model, resolve_plan
+
+            model = quantize_model(model, resolve_plan("int8"))
+        tokenizer = load_tokenizer(args.model_dir)
+        loaded = peak_rss_mb()
+        frame_rate = int(model.config.audio_encoder.frame_rate)
+        frames = round(args.seconds * frame_rate)
+        started = time.perf_counter()
+        torch_generate(model, tokenizer, [PROMPT], frames, seed=0)
+        compute = time.perf_counter() - started
+        stats = {"compute_s": compute, "audio_s": frames / frame_rate, "rtf": compute * frame_rate / frames}
+        stats["decoder_step_ms"] = float("nan")
+    print(json.dumps({**stats, "peak_rss_mb": peak_rss_mb(), "loaded_rss_mb": loaded}), flush=True)
+
+
+def run_backend(backend: str, args: argparse.Namespace, model_dir: Path, bundle: Path) -> dict:
+    command = [
+        sys.executable, __file__, "--worker", backend, "--model-dir", str(model_dir), "--bundle", str(bundle),
+        "--seconds", str(args.seconds), "--threads", str(args.threads),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{backend} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def prepare(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path, dict]:
+    """Save the model (the PyTorch backends load it) and export the bundle (fp32, int8, int4)."""
+    from bench_quant import small_architecture
+
+    from tinymusician.models.musicgen import load_musicgen, load_tokenizer, save_musicgen
+    from tinymusician.models.tiny import ensure_tiny_pair
+    from tinymusician.onnx.export import export_bundle
+
+    tiny = ensure_tiny_pair().student
+    model = load_musicgen(str(tiny)) if args.tiny else small_architecture()
+    tokenizer = load_tokenizer(str(tiny))  # token ids only need to be in range; weights are random anyway
+    model_dir = save_musicgen(model, tokenizer, scratch / "model")
+    started = time.perf_counter()
+    manifest = export_bundle(
+        model, tokenizer, scratch / "bundle", precisions=["fp32", "int8", "int4"], source="benchmark"
+    )
+    print(f"exported in {time.perf_counter() - started:.0f} s", flush=True)
+    return model_dir, scratch / "bundle", manifest
+
+
+def bundle_mb(manifest: dict, precision: str) -> float:
+    from tinymusician.onnx.export import GRAPHS, graph_file
+
+    return sum(manifest["files"][graph_file(g, precision)]["bytes"] for g in GRAPHS) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--worker", choices=BACKENDS, dest="backend", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--bundle", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.backend:
+        worker(args)
+        return
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir, bundle, manifest = prepare(args, Path(scratch))
+        fp32_mb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 1e6
+        best: dict[str, dict] = {}
+        for round_index in range(args.rounds):
+            for backend in args.backends:
+                stats = run_backend(backend, args, model_dir, bundle)
+                print(f"round {round_index + 1} {backend:<11} RTF {stats['rtf']:.3f}", flush=True)
+                if backend not in best or stats["rtf"] < best[backend]["rtf"]:
+                    best[backend] = stats
+
+    sizes = {
+        "torch-fp32": fp32_mb,
+        "torch-int8": float("nan"),  # see bench_quant.py for PyTorch bundle sizes
+        **{f"ort-{p}": bundle_mb(manifest, p) for p in ("fp32", "int8", "int4")},
+    }
+    reference = best.get("torch-fp32", {}).get("rtf")
+    print(
+        f"\n{args.seconds:g} s of audio, CFG 3, top-k 250, batch 1, {args.threads} threads "
+        f"({'tiny student' if args.tiny else 'MusicGen-Small architecture, random weights'})"
+    )
+    print(f"{'backend':<12}{'RTF':>8}{'vs torch-fp32':>15}{'step ms':>9}{'peak RSS MB':>13}{'size MB':>10}")
+    for backend, stats in best.items():
+        speedup = f"{reference / stats['rtf']:.2f}x" if reference else "-"
+        print(
+            f"{backend:<12}{stats['rtf']:>8.3f}{speedup:>15}{stats['decoder_step_ms']:>9.1f}"
+            f"{stats['peak_rss_mb']:>13.0f}{sizes[backend]:>10.1f}"
+        )
+    if "ort-int8" in best and reference:
+        rtf = best["ort-int8"]["rtf"]
+        print(f"target ORT int8 RTF <= 1.0: {rtf:.3f} {'PASS' if rtf <= 1.0 else 'FAIL'}")
+        print(
+            f"target ORT int8 >= 3x PyTorch fp32: {reference / rtf:.2f}x {'PASS' if reference / rtf >= 3 else 'FAIL'}"
+        )
+
+
+if __name__ == "__main__":
+    main()
