@@ -119,16 +119,20 @@ def test_text_encoder_graph_matches_pytorch(bundle, student):
 
 
 @pytest.mark.parametrize(
-    "batch,text_len,steps,past_len", [(1, 3, 1, 0), (3, 8, 4, 0), (3, 8, 1, 6), (1, 2, 2, 9)]
+    "batch,text_len,steps,past_len,masked_row",
+    [(1, 3, 1, 0, False), (3, 8, 4, 0, True), (3, 8, 1, 6, True), (2, 5, 1, 4, False), (1, 2, 2, 9, False)],
 )
-def test_merged_decoder_matches_pytorch(bundle, student, batch, text_len, steps, past_len):
+def test_merged_decoder_matches_pytorch(bundle, student, batch, text_len, steps, past_len, masked_row):
+    """Against transformers' own decoder (DecoderGraph), padded and fully masked (unconditional) text rows."""
     config = student.decoder.config
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     head_dim, k = config.hidden_size // heads, config.num_codebooks
     generator = torch.Generator().manual_seed(batch * 100 + steps)
     hidden = torch.randn(batch, text_len, student.text_encoder.config.hidden_size, generator=generator)
     mask = torch.ones(batch, text_len, dtype=torch.long)
-    mask[-1, text_len // 2 :] = 0 if batch > 1 else 1
+    mask[0, text_len // 2 + 1 :] = 0
+    if masked_row:
+        mask[-1] = 0
     ids = torch.randint(0, config.vocab_size, (batch * k, steps), generator=generator)
     past = [
         torch.randn(batch, heads, past_len if ".decoder." in n else text_len, head_dim, generator=generator)

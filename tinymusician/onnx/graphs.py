@@ -24,6 +24,15 @@ def past_names(num_layers: int, prefix: str = "past_key_values") -> list[str]:
     return [f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in PAST_KINDS]
 
 
+def text_projection(model: MusicgenForConditionalGeneration) -> nn.Module | None:
+    """``enc_to_dec_proj`` when transformers applies it (text and decoder widths differ), else None."""
+    uses_proj = (
+        model.text_encoder.config.hidden_size != model.decoder.config.hidden_size
+        and model.decoder.config.cross_attention_hidden_size is None
+    )
+    return model.enc_to_dec_proj if uses_proj else None
+
+
 class TextEncoderGraph(nn.Module):
     """``input_ids``, ``attention_mask`` -> raw T5 ``last_hidden_state`` (projection lives in the decoder)."""
 
@@ -46,11 +55,7 @@ class DecoderGraph(nn.Module):
     def __init__(self, model: MusicgenForConditionalGeneration, with_past: bool) -> None:
         super().__init__()
         self.decoder = model.decoder
-        uses_proj = (
-            model.text_encoder.config.hidden_size != model.decoder.config.hidden_size
-            and model.decoder.config.cross_attention_hidden_size is None
-        )
-        self.enc_to_dec_proj = model.enc_to_dec_proj if uses_proj else None
+        self.enc_to_dec_proj = text_projection(model)
         self.with_past = with_past
         self.num_layers = model.decoder.config.num_hidden_layers
 
@@ -81,6 +86,117 @@ class DecoderGraph(nn.Module):
             cross = out.cache.cross_attention_cache.layers[layer]
             present += [own.keys, own.values, cross.keys, cross.values]
         return (out.logits, *present)
+
+
+def _fused(*linears: nn.Linear) -> torch.Tensor:
+    """One ``[sum(out), in]`` weight for several bias-free projections of the same input."""
+    if any(linear.bias is not None for linear in linears):
+        raise ValueError("the ONNX decoder graph expects MusicGen's bias-free projections")
+    return torch.cat([linear.weight.detach() for linear in linears], dim=0).clone()
+
+
+class LeanDecoderGraph(nn.Module):
+    """The same decoder call as :class:`DecoderGraph`, written out with MusicGen's own weights.
+
+    transformers' mask and cache machinery traces into hundreds of small shape ops per step, and ONNX Runtime
+    spent more time dispatching them than in the int8 matmuls of MusicGen-Small's cached step. This is the
+    plain math: summed codebook embeddings + sinusoidal positions, pre-LN blocks with self-attention over the
+    cache, cross-attention over the cached (or, on the first step, projected) text states, GELU MLP, the
+    codebook heads. Projections of one input are fused into one matmul (q|k|v, cross k|v, the K heads): with
+    dynamic int8 each matmul also quantizes its input, so fewer, larger matmuls are faster. Both branches of
+    the merged graph use the same fused weights, so they are stored once. Parity with :class:`DecoderGraph`
+    is tested on shapes not used at export, fully masked (unconditional) text rows included.
+    """
+
+    def __init__(self, model: MusicgenForConditionalGeneration, with_past: bool) -> None:
+        super().__init__()
+        causal_lm = model.decoder
+        decoder = causal_lm.model.decoder
+        config = causal_lm.config
+        self.embed_tokens = decoder.embed_tokens
+        self.register_buffer("positions", decoder.embed_positions.weights.detach().clone(), persistent=False)
+        self.layers = decoder.layers
+        self.layer_norm = decoder.layer_norm
+        self.enc_to_dec_proj = text_projection(model)
+        self.with_past = with_past
+        self.num_codebooks = config.num_codebooks
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.self_qkv = nn.ParameterList(
+            [_fused(lay.self_attn.q_proj, lay.self_attn.k_proj, lay.self_attn.v_proj) for lay in self.layers]
+        )
+        self.cross_kv = nn.ParameterList(
+            [_fused(lay.encoder_attn.k_proj, lay.encoder_attn.v_proj) for lay in self.layers]
+        )
+        self.heads = nn.Parameter(_fused(*causal_lm.lm_heads))
+        self.requires_grad_(False)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        scores = torch.matmul(self._split_heads(query), key.transpose(2, 3)) * self.scaling + mask
+        probs = torch.softmax(scores, dim=-1)
+        if keep is not None:
+            probs = probs * keep
+        out = torch.matmul(probs, value).transpose(1, 2)
+        return out.reshape(query.shape)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        codes = input_ids.reshape(-1, self.num_codebooks, input_ids.shape[-1])
+        length = codes.shape[-1]
+        hidden = sum(self.embed_tokens[k](codes[:, k]) for k in range(self.num_codebooks))
+        past_len = past[0].shape[2] if self.with_past else 0
+        hidden = hidden + self.positions[past_len : past_len + length]
+        lowest = torch.finfo(hidden.dtype).min
+        # new token i may see cache positions <= past_len + i
+        key_pos = torch.arange(past_len + length)
+        query_pos = torch.arange(length)[:, None] + past_len
+        self_mask = torch.where(key_pos[None, :] <= query_pos, 0.0, lowest)[None, None]
+        # text padding is masked out of cross-attention; a fully masked row (the unconditional half of
+        # guidance) gets a zero output, as torch's SDPA gives (its cached keys/values are zero anyway)
+        visible = encoder_attention_mask[:, None, None, :].to(hidden.dtype)
+        text_mask = (1.0 - visible) * lowest
+        has_text = (visible.sum(-1, keepdim=True) > 0).to(hidden.dtype)
+        if not self.with_past:
+            text = encoder_hidden_states
+            if self.enc_to_dec_proj is not None:
+                text = self.enc_to_dec_proj(text)
+            text = text * encoder_attention_mask[..., None].to(text.dtype)
+        present: list[torch.Tensor] = []
+        for index, layer in enumerate(self.layers):
+            x = layer.self_attn_layer_norm(hidden)
+            query, key, value = torch.nn.functional.linear(x, self.self_qkv[index]).chunk(3, dim=-1)
+            key, value = self._split_heads(key), self._split_heads(value)
+            if self.with_past:
+                key = torch.cat([past[4 * index], key], dim=2)
+                value = torch.cat([past[4 * index + 1], value], dim=2)
+                cross_key, cross_value = past[4 * index + 2], past[4 * index + 3]
+            else:
+                cross_key, cross_value = torch.nn.functional.linear(text, self.cross_kv[index]).chunk(
+                    2, dim=-1
+                )
+                cross_key, cross_value = self._split_heads(cross_key), self._split_heads(cross_value)
+            hidden = hidden + layer.self_attn.out_proj(self._attend(query, key, value, self_mask))
+            x = layer.encoder_attn_layer_norm(hidden)
+            attended = self._attend(layer.encoder_attn.q_proj(x), cross_key, cross_value, text_mask, has_text)
+            hidden = hidden + layer.encoder_attn.out_proj(attended)
+            x = layer.final_layer_norm(hidden)
+            hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(x)))
+            present += [key, value, cross_key, cross_value]
+        logits = torch.nn.functional.linear(self.layer_norm(hidden), self.heads)  # [B, T, K * V]
+        batch = logits.shape[0]
+        logits = logits.view(batch, length, self.num_codebooks, -1).transpose(1, 2)
+        return (logits.reshape(batch * self.num_codebooks, length, -1), *present)
 
 
 class EncodecDecodeGraph(nn.Module):
@@ -149,7 +265,7 @@ def decoder_spec(model: MusicgenForConditionalGeneration, with_past: bool) -> Gr
         seq = "present_decoder_sequence_length" if ".decoder." in name else "encoder_sequence_length_out"
         axes[name] = {0: "batch_size", 2: seq}
     return GraphSpec(
-        DecoderGraph(model, with_past),
+        LeanDecoderGraph(model, with_past),
         tuple(args),
         names,
         ["logits", *past_names(num_layers, "present")],

@@ -74,15 +74,16 @@ def _branch(
 
 
 def merge_decoders(first: onnx.ModelProto, cached: onnx.ModelProto) -> onnx.ModelProto:
-    """One model taking the cached graph's inputs plus ``use_cache_branch`` (bool ``[1]``)."""
+    """One model taking the inputs of both graphs plus ``use_cache_branch`` (bool ``[1]``)."""
     first_outputs = [o.name for o in first.graph.output]
     cached_outputs = [o.name for o in cached.graph.output]
     if first_outputs != cached_outputs:
         raise ValueError(f"decoder graphs disagree on outputs: {first_outputs} vs {cached_outputs}")
-    missing = {i.name for i in first.graph.input} - {i.name for i in cached.graph.input}
-    if missing:
-        raise ValueError(f"the cached decoder graph lacks inputs of the first-step graph: {sorted(missing)}")
-    outer_inputs = {i.name for i in cached.graph.input}
+    # The cached step may not read encoder_hidden_states (its cross-attention keys/values are cached); the
+    # merged graph still declares it, as transformers.js feeds it on every step.
+    first_names = {i.name for i in first.graph.input}
+    inputs = [*first.graph.input, *(i for i in cached.graph.input if i.name not in first_names)]
+    outer_inputs = {i.name for i in inputs}
 
     initializers: dict[str, onnx.TensorProto] = {}  # content key -> tensor (named once)
     renames: list[dict[str, str]] = []
@@ -114,7 +115,7 @@ def merge_decoders(first: onnx.ModelProto, cached: onnx.ModelProto) -> onnx.Mode
     graph = helper.make_graph(
         [if_node],
         "decoder_model_merged",
-        [*cached.graph.input, flag],
+        [*inputs, flag],
         list(cached.graph.output),
         initializer=list(initializers.values()),
     )
