@@ -84,7 +84,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _centre(qg: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> None:
     """Softmax Jacobian: dF/du = q*g - q * sum(q*g), from qg = q * dF/dq, written into ``out``."""
-    torch.sub(qg, q * qg.sum(-1, keepdim=True), out=out)
+    torch.addcmul(qg, q, qg.sum(-1, keepdim=True), value=-1.0, out=out)
 
 
 def _log_mix(x: torch.Tensor, w: float) -> torch.Tensor:
@@ -124,28 +124,27 @@ def _zero_kernel(log_q, log_p, grad_out):
 # Skewed KLs, 0 < a < 1, with d = log p - log q and k = log((1-a) / a). In log space, the mixtures are
 #   log(m1 / p) = log(a + (1-a) e^-d) = log a - log sigmoid(d - k),   m1 = a p + (1-a) q   (SKL_a)
 #   log(m2 / q) = log(a + (1-a) e^d)  = log a - log sigmoid(-d - k),  m2 = (1-a) p + a q   (SRKL_a)
-# (logaddexp(log a + log p, log(1-a) + log q) rewritten). The sigmoids also give the ratios the gradients
-# need, a p / m1 and a q / m2, without another exp, and nothing here takes the log of a probability-space
-# sum. A sigmoid below the smallest normal float is clamped there: that only happens where p (SKL) or q
-# (SRKL) is below ~1e-30 times the other side, so the affected terms, weighted by p or q, are negligible.
-_TINY = torch.finfo(torch.float32).tiny
+# (logaddexp(log a + log p, log(1-a) + log q) rewritten). log sigmoid is finite everywhere, its exp gives the
+# ratios the gradients need (a p / m1 and a q / m2), and nothing takes the log of a probability-space sum.
+# Gradients are built as q * dF/dq up to a constant per row: the centring (softmax Jacobian) removes any
+# c * q term, so additive constants such as -log a are left out of them.
 
 
 def _skl_parts(d, p, q, alpha, need_grad):
-    """SKL value and q * dSKL/dq = -(1-a) q p / m1 (uncentred)."""
-    ratio = (d - math.log((1.0 - alpha) / alpha)).sigmoid_().clamp_(min=_TINY)  # a p / m1
-    value = _dot(p, ratio.log().sub_(math.log(alpha)))  # sum p log(p / m1)
-    qg = ratio.mul_(q).mul_(-(1.0 - alpha) / alpha) if need_grad else None
-    return value, qg
+    """SKL value and q * dSKL/dq up to the factor -(1-a)/a: q * (a p / m1) (uncentred)."""
+    log_ratio = torch.nn.functional.logsigmoid(d - math.log((1.0 - alpha) / alpha))  # log(a p / m1)
+    ratio = log_ratio.exp() if need_grad else None
+    value = _dot(p, log_ratio.sub_(math.log(alpha)))  # sum p log(p / m1)
+    return value, ratio.mul_(q) if need_grad else None
 
 
 def _srkl_parts(d, q, alpha, need_grad):
-    """SRKL value and q * dSRKL/dq = q (log(q / m2) + 1 - a q / m2) (uncentred, the +1 left out)."""
-    ratio = torch.rsub(d, -math.log((1.0 - alpha) / alpha)).sigmoid_().clamp_(min=_TINY)  # a q / m2
-    log_qm = ratio.log().sub_(math.log(alpha))
+    """SRKL value and q * dSRKL/dq = q (log(q / m2) - a q / m2) (uncentred, constants left out)."""
+    log_ratio = torch.nn.functional.logsigmoid(torch.rsub(d, -math.log((1.0 - alpha) / alpha)))  # log(a q/m2)
+    ratio = log_ratio.exp() if need_grad else None
+    log_qm = log_ratio.sub_(math.log(alpha))
     value = _dot(q, log_qm)
-    qg = log_qm.sub_(ratio).mul_(q) if need_grad else None
-    return value, qg
+    return value, log_qm.sub_(ratio).mul_(q) if need_grad else None
 
 
 def _skl_kernel(log_q, log_p, grad_out, alpha):
@@ -156,7 +155,7 @@ def _skl_kernel(log_q, log_p, grad_out, alpha):
     q, p = log_q.exp(), log_p.exp()
     value, qg = _skl_parts(log_p - log_q, p, q, alpha, grad_out is not None)
     if grad_out is not None:
-        _centre(qg, q, grad_out)
+        _centre(qg.mul_(-(1.0 - alpha) / alpha), q, grad_out)
     return (value,)
 
 
@@ -186,8 +185,9 @@ def _mix_kernel(log_q, log_p, grad_out, alpha, w_fwd):
         d = log_p - log_q
         skl, qg_skl = _skl_parts(d, p, q, alpha, need_grad)
         srkl, qg_srkl = _srkl_parts(d, q, alpha, need_grad)
-        if need_grad:  # both are still q * dF/dq: centre their weighted sum once
-            _centre(qg_skl.mul_(w_fwd).add_(qg_srkl, alpha=1.0 - w_fwd), q, grad_out)
+        if need_grad:  # both are still q * dF/dq (SKL's up to its factor): centre their weighted sum once
+            qg = qg_srkl.mul_(1.0 - w_fwd).add_(qg_skl, alpha=-w_fwd * (1.0 - alpha) / alpha)
+            _centre(qg, q, grad_out)
     value = skl * w_fwd + srkl * (1.0 - w_fwd)
     return value, skl, srkl
 
