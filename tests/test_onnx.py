@@ -343,6 +343,7 @@ def test_export_cli_writes_and_checks_a_bundle(tiny_pair, tmp_path, capsys, sing
     assert "decoder_model_merged_quantized.onnx" in text and "codes equal" in text
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precisions"] == ["int8"] and "onnx/decoder_model_merged.onnx" not in manifest["files"]
+    assert TinyMusicianONNX(out).precisions["decoder_model_merged"] == "int8"  # the bundle's only precision
     assert export_main([str(tmp_path / "nowhere"), "--out", str(out)]) == 2
 
 

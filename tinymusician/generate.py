@@ -190,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
         "--precision",
-        default="fp32",
+        default=None,
         choices=["fp32", "int8", "int4"],
-        help="ONNX graphs to load (bundle only)",
+        help="ONNX graphs to load (bundle only; default fp32 if exported, else the bundle's first precision)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     return parser

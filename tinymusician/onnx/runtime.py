@@ -147,13 +147,17 @@ def resolve_precisions(precision: str | Mapping[str, str]) -> dict[str, str]:
 
 
 class TinyMusicianONNX:
-    """A loaded bundle: three ONNX Runtime sessions, the tokenizer and the facts from ``manifest.json``."""
+    """A loaded bundle: three ONNX Runtime sessions, the tokenizer and the facts from ``manifest.json``.
+
+    ``precision``: ``"fp32"``, ``"int8"``, ``"int4"`` (text encoder and decoder; the codec decoder is fp32) or a
+    per-graph map; default fp32 if the bundle has it, else its first exported precision.
+    """
 
     def __init__(
         self,
         bundle: str | Path,
         *,
-        precision: str | Mapping[str, str] = "fp32",
+        precision: str | Mapping[str, str] | None = None,
         threads: int | None = None,
         verify_hashes: bool = False,
     ) -> None:
@@ -163,7 +167,8 @@ class TinyMusicianONNX:
         self.bundle = Path(bundle).expanduser()
         self.manifest = read_manifest(self.bundle)
         self.facts = self.manifest["model"]
-        self.precisions = resolve_precisions(precision)
+        exported = self.manifest["precisions"]
+        self.precisions = resolve_precisions(precision or ("fp32" if "fp32" in exported else exported[0]))
         files = {g: f"onnx/{g}{SUFFIXES[p]}.onnx" for g, p in self.precisions.items()}
         check_files(self.bundle, self.manifest, list(files.values()), verify_hashes)
         self.check_config()
