@@ -113,36 +113,35 @@ def generate_audio(
 ) -> GeneratedSet:
     """Sample audio for each prompt with MusicGen's ``generate`` (sampling + classifier-free guidance).
 
-    ``max_new_tokens = int(seconds * frame_rate)``; the global RNG is seeded inside a fork, so training's RNG
-    stream is untouched. The model is put in eval mode for the call and restored afterwards.
+    Each clip is ``round(seconds * frame_rate)`` codec frames long (:func:`tinymusician.generate.torch_generate`);
+    the global RNG is seeded inside a fork, so training's RNG stream is untouched. The model is put in eval
+    mode for the call and restored afterwards.
     """
+    from tinymusician.generate import torch_generate
+
     if seconds <= 0:
         raise EvaluationError(f"seconds={seconds}: clip length must be positive")
     frame_rate = float(model.config.audio_encoder.frame_rate)
     sample_rate = int(model.config.audio_encoder.sampling_rate)
-    max_new_tokens = int(seconds * frame_rate)
+    frames = max(1, round(seconds * frame_rate))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     clips: list[torch.Tensor] = []
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             starts = range(0, len(prompts), batch_size)
             for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
-                batch = list(prompts[start : start + batch_size])
-                text = tokenizer(
-                    batch, padding=True, truncation=True, max_length=max_text_tokens, return_tensors="pt"
-                ).to(device)
-                out = model.generate(
-                    input_ids=text["input_ids"],
-                    attention_mask=text["attention_mask"],
-                    do_sample=True,
+                audio, _ = torch_generate(
+                    model,
+                    tokenizer,
+                    list(prompts[start : start + batch_size]),
+                    frames,
                     guidance_scale=guidance_scale,
-                    max_new_tokens=max_new_tokens,
+                    max_text_tokens=max_text_tokens,
                 )
-                values = getattr(out, "sequences", out)  # audio_values [B, channels, samples]
-                clips.extend(clip.float().mean(dim=0).cpu() for clip in values)
+                clips.extend(torch.from_numpy(clip) for clip in audio)
     finally:
         model.train(was_training)
     return GeneratedSet(clips, sample_rate, list(prompts))

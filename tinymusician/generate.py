@@ -69,7 +69,7 @@ def torch_generate(
     num_codebooks = model.decoder.config.num_codebooks
     text = tokenizer(
         list(prompts), padding=True, truncation=True, max_length=max_text_tokens, return_tensors="pt"
-    )
+    ).to(next(model.parameters()).device)
     captured: list[torch.Tensor] = []
     codec = model.audio_encoder
     original_decode = codec.decode
@@ -114,7 +114,7 @@ def torch_generate(
     finally:
         del codec.decode  # back to the class method
     audio = getattr(audio, "sequences", audio)
-    return audio.float().mean(dim=1).numpy(), captured[0].numpy()
+    return audio.float().mean(dim=1).cpu().numpy(), captured[0].cpu().numpy()
 
 
 def run_torch(args: argparse.Namespace) -> tuple[np.ndarray, int, dict[str, float]]:

@@ -63,7 +63,7 @@ class EvaluateCallback(L.Callback):
     Args:
         prompts / prompts_file: inline prompts or a file with one prompt per line; ``num_prompts`` keeps the
             first N.
-        seconds, guidance_scale, seed, batch_size: generation (``max_new_tokens = int(seconds * frame_rate)``).
+        seconds, guidance_scale, seed, batch_size: generation (each clip ``round(seconds * frame_rate)`` codec frames).
         embedders: FAD embedders: names or ``{name: ..., **kwargs}``; ``{name: encodec, source: student}``
             uses the student's own codec (offline).
         reference: ``val`` (the validation clips decoded from their codes with the codec), a folder of WAVs,
