@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -147,7 +148,7 @@ def test_merged_decoder_matches_pytorch(bundle, student, batch, text_len, steps,
     }
     feeds["use_cache_branch"] = np.array([past_len > 0])
     for name, tensor in zip(past_names(layers), past, strict=True):
-        # the first step gets empty pasts, as transformers.js feeds them
+        # the first step gets empty pasts sized as transformers.js sizes them (by input_ids' batch, B*K)
         feeds[name] = tensor.numpy() if past_len else np.zeros((batch * k, heads, 0, head_dim), np.float32)
     got = session(bundle, "decoder_model_merged").run(None, feeds)
     assert len(got) == len(ref)
@@ -168,6 +169,49 @@ def test_encodec_decode_graph_matches_pytorch(bundle, student):
     assert np.abs(ref).max() > 1e-3  # codes matter: the codec does not decode silence
 
 
+@pytest.fixture(scope="module")
+def projected(tiny_pair, tmp_path_factory, single_thread):
+    """The tiny teacher: its decoder is wider than T5 (128 vs 64), so enc_to_dec_proj is in the graph."""
+    from tinymusician.models.musicgen import load_musicgen, load_tokenizer
+
+    model = load_musicgen(str(tiny_pair.teacher))
+    tokenizer = load_tokenizer(str(tiny_pair.teacher))
+    assert DecoderGraph(model, with_past=False).enc_to_dec_proj is not None
+    out = tmp_path_factory.mktemp("teacher-bundle") / "teacher"
+    export_bundle(model, tokenizer, out, precisions=["fp32"])
+    return model, tokenizer, out
+
+
+def test_projected_text_states_match_pytorch(projected):
+    model, tokenizer, bundle = projected
+    config = model.decoder.config
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    hidden = torch.randn(2, 6, model.text_encoder.config.hidden_size)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    mask[1] = 0
+    ids = torch.randint(0, config.vocab_size, (2 * config.num_codebooks, 3))
+    with torch.no_grad():
+        ref = DecoderGraph(model, with_past=False)(ids, hidden, mask)
+    feeds = {
+        "input_ids": ids.numpy(),
+        "encoder_hidden_states": hidden.numpy(),
+        "encoder_attention_mask": mask.numpy(),
+    }
+    feeds["use_cache_branch"] = np.array([False])
+    for name in past_names(config.num_hidden_layers):
+        feeds[name] = np.zeros((2, heads, 0, head_dim), np.float32)
+    got = session(bundle, "decoder_model_merged").run(None, feeds)
+    for out, expected in zip(got, ref, strict=True):
+        np.testing.assert_allclose(out, expected.numpy(), atol=1e-4)
+    frames = 16
+    codes = TinyMusicianONNX(bundle, threads=1).generate(
+        PROMPTS, frames / 50, do_sample=False, return_codes=True
+    )[1]
+    ref_codes = torch_generate(model, tokenizer, PROMPTS, frames, do_sample=False)[1]
+    np.testing.assert_array_equal(codes, ref_codes)
+
+
 # --- generation -------------------------------------------------------------------------------------------
 def test_delay_pattern_round_trip_and_layout():
     pattern = delay_pattern(4, 6, pad=99)
@@ -180,6 +224,17 @@ def test_delay_pattern_round_trip_and_layout():
     for k in range(4):
         delayed[:, k, k + 1 : k + 7] = codes[:, k]
     np.testing.assert_array_equal(undelay(delayed, 6), codes)
+
+
+def test_sampling_follows_the_softmax():
+    scores = np.log(np.array([[0.6, 0.3, 0.1]], dtype=np.float32)).repeat(20000, axis=0)
+    picked = sample_next(scores, np.random.default_rng(0), temperature=1.0, top_k=0)
+    np.testing.assert_allclose(np.bincount(picked, minlength=3) / len(picked), [0.6, 0.3, 0.1], atol=0.015)
+    hot = sample_next(scores, np.random.default_rng(0), temperature=2.0, top_k=0)
+    expected = np.array([0.6, 0.3, 0.1]) ** 0.5
+    np.testing.assert_allclose(
+        np.bincount(hot, minlength=3) / len(hot), expected / expected.sum(), atol=0.015
+    )
 
 
 def test_sampling_respects_top_k_and_temperature():
@@ -242,6 +297,9 @@ def test_sampling_is_seeded(runtime):
 def test_prompt_and_length_limits(runtime, bundle, caplog):
     with pytest.raises(GenerationError, match="empty"):
         runtime.generate(["piano", "  "], 0.5)
+    with pytest.raises(GenerationError, match="temperature"):
+        runtime.generate(["piano"], 0.5, temperature=0.0)
+    assert np.isfinite(runtime.generate(["piano"], 0.3, temperature=0.0, do_sample=False)).all()
     with pytest.raises(GenerationError, match="frames"):
         runtime.generate(PROMPTS, frames_to_seconds(runtime, runtime.facts["min_frames"] - 1))
     with pytest.raises(GenerationError, match="frames"):
@@ -340,11 +398,28 @@ def test_export_cli_writes_and_checks_a_bundle(tiny_pair, tmp_path, capsys, sing
     out = tmp_path / "cli-bundle"
     assert export_main([str(tiny_pair.student), "--out", str(out), "--precision", "int8"]) == 0
     text = capsys.readouterr().out
-    assert "decoder_model_merged_quantized.onnx" in text and "codes equal" in text
+    assert "decoder_model_merged_quantized.onnx" in text
+    agreement = float(re.search(r"check int8 .*codes equal ([0-9.]+)", text).group(1))
+    assert agreement >= 0.9 and "FAILED" not in text
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precisions"] == ["int8"] and "onnx/decoder_model_merged.onnx" not in manifest["files"]
     assert TinyMusicianONNX(out).precisions["decoder_model_merged"] == "int8"  # the bundle's only precision
     assert export_main([str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "MODEL=" in capsys.readouterr().err  # the message names the argument to fix
+
+
+def test_export_cli_fails_when_the_bundle_does_not_reproduce_pytorch(
+    tiny_pair, tmp_path, monkeypatch, capsys
+):
+    from tinymusician.export import main as export_main
+    from tinymusician.onnx import check
+
+    def broken(*args, **kwargs):
+        return {"codes_equal": 0.5, "max_audio_diff": 0.1, "finite": True}
+
+    monkeypatch.setattr(check, "compare_greedy", broken)
+    assert export_main([str(tiny_pair.student), "--out", str(tmp_path / "b")]) == 1
+    assert "FAILED" in capsys.readouterr().out
 
 
 # --- transformers.js (Node) -------------------------------------------------------------------------------

@@ -118,12 +118,18 @@ def generate_audio(
     mode for the call and restored afterwards.
     """
     from tinymusician.generate import torch_generate
+    from tinymusician.models.musicgen import min_frames
 
     if seconds <= 0:
         raise EvaluationError(f"seconds={seconds}: clip length must be positive")
     frame_rate = float(model.config.audio_encoder.frame_rate)
     sample_rate = int(model.config.audio_encoder.sampling_rate)
-    frames = max(1, round(seconds * frame_rate))
+    frames = round(seconds * frame_rate)
+    if frames < min_frames(model):
+        raise EvaluationError(
+            f"seconds={seconds}: {frames} codec frames; generation needs at least {min_frames(model)} "
+            f"({min_frames(model) / frame_rate:.2f} s): raise the clip length"
+        )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

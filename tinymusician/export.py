@@ -2,8 +2,8 @@
 
 MODEL is a ``save_pretrained`` dir (e.g. a run's ``student/``), a hub id, ``tiny`` or a training ``.ckpt``.
 The bundle has the Hugging Face / transformers.js layout (see :mod:`tinymusician.onnx.export`), is checked
-after writing (each graph against PyTorch on shapes not used at export, then a short generation from a
-fresh load), and runs with ``python -m tinymusician.generate "..." --model bundle/`` or in transformers.js.
+after writing (greedy generation from a fresh load against transformers' ``generate``: fp32 must give the
+same codes, every precision finite audio; exit status 1 otherwise), and runs with ``python -m tinymusician.generate "..." --model bundle/`` or in transformers.js.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tinymusician.onnx.check import check_bundle
 
     try:
-        model, tokenizer, description = load_named_model(args.model, args.base)
+        model, tokenizer, description = load_named_model(args.model, args.base, key="MODEL")
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -66,12 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     for relative, entry in manifest["files"].items():
         lines.append(f"  {relative:<45} {entry['precision']:<5} {entry['bytes'] / 1e6:9.1f} MB")
+    status = 0
     if not args.no_check:
-        report = check_bundle(model, args.out, manifest["precisions"])
-        for precision, result in report.items():
-            lines.append(f"  check {precision:<5} {result}")
+        for precision, (line, ok) in check_bundle(model, args.out, manifest["precisions"]).items():
+            lines.append(f"  check {precision:<5} {line}{'' if ok else '  FAILED'}")
+            status = status if ok else 1
     print("\n".join(lines))
-    return 0
+    if status:
+        print("error: the exported bundle does not reproduce PyTorch (see the check lines)", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

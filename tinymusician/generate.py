@@ -64,37 +64,48 @@ def torch_generate(
     """
     import torch
 
+    from tinymusician.models.musicgen import min_frames
+
     if any(not p.strip() for p in prompts) or not prompts:
         raise GenerationError("empty prompt: describe the music to generate")
     num_codebooks = model.decoder.config.num_codebooks
+    if frames < min_frames(model):
+        rate = int(model.config.audio_encoder.frame_rate)
+        raise GenerationError(
+            f"{frames} frames is too short: at least {min_frames(model)} ({min_frames(model) / rate:.2f} s at "
+            f"{rate} Hz); ask for more seconds"
+        )
     text = tokenizer(
         list(prompts), padding=True, truncation=True, max_length=max_text_tokens, return_tensors="pt"
     ).to(next(model.parameters()).device)
     captured: list[torch.Tensor] = []
     codec = model.audio_encoder
+    patched = "decode" in vars(codec)  # someone else's instance-level patch, restored afterwards
+    previous = vars(codec).get("decode")
     original_decode = codec.decode
 
     def decode(audio_codes: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         captured.append(audio_codes[0].clone())
         return original_decode(audio_codes, *args, **kwargs)
 
+    bar = None
     streamer = None
     if progress:
         from tqdm.auto import tqdm
 
-        class Progress:  # transformers' streamer protocol: put() per step, end() at the end
-            def __init__(self) -> None:
-                self.bar = tqdm(total=frames + num_codebooks - 1, desc="Generating", unit="step")
-                self.first = True
+        bar = tqdm(total=frames + num_codebooks - 1, desc="Generating", unit="step")
+
+        class Progress:  # transformers' streamer protocol: put() per step (the BOS first), end() at the end
+            first = True
 
             def put(self, value: torch.Tensor) -> None:
-                if self.first:  # the prompt (BOS) arrives first
+                if self.first:
                     self.first = False
                     return
-                self.bar.update(1)
+                bar.update(1)
 
             def end(self) -> None:
-                self.bar.close()
+                pass
 
         streamer = Progress()
     codec.decode = decode
@@ -112,7 +123,12 @@ def torch_generate(
                 streamer=streamer,
             )
     finally:
-        del codec.decode  # back to the class method
+        if patched:
+            codec.decode = previous
+        else:
+            del codec.decode  # back to the class method
+        if bar is not None:
+            bar.close()
     audio = getattr(audio, "sequences", audio)
     return audio.float().mean(dim=1).cpu().numpy(), captured[0].cpu().numpy()
 
@@ -124,17 +140,12 @@ def run_torch(args: argparse.Namespace) -> tuple[np.ndarray, int, dict[str, floa
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer, description = load_named_model(args.model)
+    model, tokenizer, description = load_named_model(args.model, args.base, key="--model")
     model.eval()
     log.info("PyTorch backend: %s", description)
     codec = model.config.audio_encoder
     frame_rate = int(codec.frame_rate)
     frames = round(args.seconds * frame_rate)
-    low = max(model.decoder.config.num_codebooks, int(codec.kernel_size))
-    if frames < low:
-        raise GenerationError(
-            f"seconds={args.seconds}: {frames} frames; at least {low} ({low / frame_rate:.2f} s)"
-        )
     started = time.perf_counter()
     audio, _ = torch_generate(
         model,
@@ -194,7 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["fp32", "int8", "int4"],
         help="ONNX graphs to load (bundle only; default fp32 if exported, else the bundle's first precision)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    parser.add_argument(
+        "--base", default=None, help="architecture/tokenizer for a .ckpt (default: <run>/student)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: ONNX Runtime all cores up to 8, torch's own)",
+    )
     return parser
 
 
@@ -204,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     backend = "onnx" if is_bundle(args.model) else "torch"
     try:
         audio, sample_rate, stats = run_onnx(args) if backend == "onnx" else run_torch(args)
-    except (BundleError, GenerationError, FileNotFoundError) as err:
+    except (BundleError, GenerationError, FileNotFoundError, ValueError, RuntimeError) as err:
+        # bad bundle, bad arguments, unknown model dir / hub id (ModelSourceError), wrong checkpoint
         print(f"error: {err}", file=sys.stderr)
         return 2
     paths = write_wavs(args.out, audio, sample_rate)

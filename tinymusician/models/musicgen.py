@@ -153,3 +153,9 @@ def codec_decode(model: MusicgenForConditionalGeneration, codes: torch.Tensor) -
     """Codes ``[B, K, T]`` -> audio ``[B, samples]``."""
     audio = model.audio_encoder.decode(codes[None], [None]).audio_values
     return audio[:, 0]
+
+
+def min_frames(model: MusicgenForConditionalGeneration) -> int:
+    """Shortest clip, in codec frames, that every backend generates: the delay pattern needs K frames, and the
+    exported codec decoder's first convolution reflect-pads ``kernel_size - 1`` frames (7 at 50 Hz = 0.14 s)."""
+    return max(model.decoder.config.num_codebooks, int(model.config.audio_encoder.kernel_size))

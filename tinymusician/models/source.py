@@ -27,7 +27,7 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
-def load_source(source: str, cfg: DictConfig, base: str | None) -> tuple[Any, Any, str]:
+def load_source(source: str, cfg: DictConfig, base: str | None, key: str = "SOURCE") -> tuple[Any, Any, str]:
     """(fp32 student, tokenizer, description) for a model dir, hub id, ``tiny`` or Lightning checkpoint."""
     import transformers
 
@@ -50,7 +50,7 @@ def load_source(source: str, cfg: DictConfig, base: str | None) -> tuple[Any, An
         with_tiny = cfg.model.copy()
         with_tiny.student, with_tiny.teacher = TINY, None
         architecture, _ = resolve_sources(with_tiny, cfg.paths.cache_dir)
-    check_model_source(architecture, "base" if checkpoint is not None else "SOURCE")
+    check_model_source(architecture, "--base" if checkpoint is not None else key)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # MusicGen's pad id == vocab size is by design
     try:
@@ -72,11 +72,11 @@ def load_source(source: str, cfg: DictConfig, base: str | None) -> tuple[Any, An
 
 
 def load_named_model(
-    source: str, base: str | None = None, overrides: list[str] | None = None
+    source: str, base: str | None = None, overrides: list[str] | None = None, key: str = "SOURCE"
 ) -> tuple[Any, Any, str]:
     """:func:`load_source` with the default config (what ``tiny`` means comes from ``conf/model``)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
         cfg = compose_config(list(overrides or []), Path(scratch))
-    return load_source(source, cfg, base)
+    return load_source(source, cfg, base, key)

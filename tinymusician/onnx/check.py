@@ -36,8 +36,8 @@ def compare_greedy(
     }
 
 
-def check_bundle(model: Any, bundle: str | Path, precisions: list[str]) -> dict[str, str]:
-    """One line per precision for the export summary."""
+def check_bundle(model: Any, bundle: str | Path, precisions: list[str]) -> dict[str, tuple[str, bool]]:
+    """Per precision: a summary line and whether it passed (fp32: identical codes; all: finite audio)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(bundle))
@@ -45,9 +45,11 @@ def check_bundle(model: Any, bundle: str | Path, precisions: list[str]) -> dict[
     lines = {}
     for precision in precisions:
         result = compare_greedy(model, tokenizer, bundle, precision, frames)
-        lines[precision] = (
+        line = (
             f"greedy {frames} frames x {len(CHECK_PROMPTS)} prompts vs PyTorch: codes equal "
             f"{result['codes_equal']:.4f}, max |audio diff| {result['max_audio_diff']:.2e}, "
             f"finite {result['finite']}"
         )
+        ok = result["finite"] and (precision != "fp32" or result["codes_equal"] == 1.0)
+        lines[precision] = (line, ok)
     return lines

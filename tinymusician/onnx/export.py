@@ -18,6 +18,7 @@ step) is quantized before the two are merged, so the merged graph shares one cop
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -28,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import torch
 from transformers import MusicgenForConditionalGeneration, PreTrainedTokenizerBase
 
+from tinymusician.models.musicgen import min_frames
 from tinymusician.onnx.graphs import decoder_spec, encodec_decode_spec, export_graph, text_encoder_spec
 from tinymusician.onnx.merge import merge_decoders
 
@@ -60,9 +63,8 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
 
     root = logging.getLogger()
     level = root.level
-    root.setLevel(
-        max(level, logging.WARNING)
-    )  # the quantizer logs one INFO line per tensor on the root logger
+    # the quantizer logs one INFO line per tensor on the root logger
+    root.setLevel(max(level, logging.WARNING))
     try:
         with tempfile.TemporaryDirectory() as scratch:
             source, target = Path(scratch, "in.onnx"), Path(scratch, "out.onnx")
@@ -76,7 +78,7 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def quantize_int4(model: onnx.ModelProto, block_size: int = INT4_BLOCK_SIZE) -> onnx.ModelProto:
-    """Block-wise symmetric 4-bit weights (``MatMulNBits``); activations stay fp32, int8 accumulation."""
+    """Block-wise symmetric 4-bit weights (``MatMulNBits``); ``accuracy_level=4`` runs the products in int8."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
@@ -112,8 +114,7 @@ def model_facts(model: MusicgenForConditionalGeneration) -> dict[str, Any]:
         "text_hidden_size": model.text_encoder.config.hidden_size,
         "sampling_rate": int(codec.sampling_rate),
         "frame_rate": int(codec.frame_rate),
-        # The codec's first convolution reflect-pads kernel_size - 1 samples: shorter code sequences fail.
-        "min_frames": max(decoder.num_codebooks, int(codec.kernel_size)),
+        "min_frames": min_frames(model),
         # Positions are a fixed table in the graph: the delayed sequence must fit in it.
         "max_frames": decoder.max_position_embeddings - decoder.num_codebooks + 1,
     }
@@ -123,7 +124,6 @@ def versions() -> dict[str, str]:
     from importlib.metadata import version
 
     import onnxruntime
-    import torch
     import transformers
 
     return {
@@ -160,9 +160,17 @@ def export_bundle(
         raise ExportError(f"precision {unknown or precisions}: choose from {list(PRECISIONS)}")
     if model.config.decoder.audio_channels != 1:
         raise ExportError("stereo MusicGen is not supported by the exporter (transformers.js decodes mono)")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError(
+            f"{type(tokenizer).__name__} is not a fast (tokenizers) tokenizer: transformers.js and the ONNX "
+            "runtime read tokenizer.json; convert it with transformers' AutoTokenizer(..., use_fast=True)"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = model.float().eval()
+    if next(model.parameters()).dtype != torch.float32:
+        model = copy.deepcopy(model).float()  # the caller's model stays as it is
+    was_training = model.training
+    model.eval()
     started = time.perf_counter()
     files: dict[str, dict[str, Any]] = {}
 
@@ -196,11 +204,6 @@ def export_bundle(
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    if not (out / "tokenizer.json").is_file():
-        raise ExportError(
-            f"{type(tokenizer).__name__} wrote no tokenizer.json; transformers.js and the ONNX runtime need "
-            "a fast (tokenizers) tokenizer"
-        )
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -217,4 +220,5 @@ def export_bundle(
         "export_seconds": round(time.perf_counter() - started, 1),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    model.train(was_training)
     return manifest

@@ -7,7 +7,7 @@
 The loop is transformers' MusicGen ``generate``: the delay pattern (codebook k lags k steps; positions outside
 the pattern are forced to the pad token before each step), classifier-free guidance on a doubled batch whose
 second half has zeroed text states and mask, then greedy or temperature + top-k sampling. Greedy fp32 runs
-reproduce transformers' codes exactly (tests/onnx).
+reproduce transformers' codes exactly (tests/test_onnx.py).
 
 Prompts: an empty prompt is an error; prompts longer than ``max_text_tokens`` (manifest, 256 by default) are
 truncated (a warning names them). Lengths: at least ``min_frames`` codec frames (7 at 50 Hz = 0.14 s; the
@@ -33,6 +33,9 @@ SUFFIXES = {"fp32": "", "int8": "_quantized", "int4": "_q4"}
 DECODER_INPUTS = ("input_ids", "encoder_hidden_states", "encoder_attention_mask", "use_cache_branch")
 
 
+REEXPORT = "re-export it with `python -m tinymusician.export MODEL --out DIR`"
+
+
 class BundleError(ValueError):
     """A bundle that cannot be used as it is; the message names the file and how to fix it."""
 
@@ -43,7 +46,7 @@ class GenerationError(ValueError):
 
 # --- the delay pattern (NumPy twin of tinymusician.models.delay, for a runtime without torch) -------------
 def delay_pattern(num_codebooks: int, frames: int, pad: int) -> np.ndarray:
-    """``[K, frames + K]`` with -1 where a code is generated and ``pad`` elsewhere (position 0 is BOS).
+    """``[K, frames + K]`` with -1 where a code is generated and ``pad`` elsewhere (position 0: the start).
 
     Codebook k holds frame t at position t + k + 1, as transformers' ``build_delay_pattern_mask``.
     """
@@ -91,9 +94,12 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise BundleError(f"{path}: not valid JSON ({err}); re-export the bundle") from err
+        raise BundleError(f"{path}: not valid JSON ({err}); {REEXPORT}") from err
     if manifest.get("format") != "tinymusician-onnx":
-        raise BundleError(f"{path}: format {manifest.get('format')!r} is not 'tinymusician-onnx'")
+        raise BundleError(f"{path}: format {manifest.get('format')!r} is not 'tinymusician-onnx'; {REEXPORT}")
+    missing = [key for key in ("files", "model", "precisions") if key not in manifest]
+    if missing:
+        raise BundleError(f"{path}: keys {missing} are missing (edited by hand?); {REEXPORT}")
     return manifest
 
 
@@ -113,21 +119,19 @@ def check_files(
                 f"re-export with --precision ... or choose one of {exported}"
             )
         if not path.is_file():
-            raise BundleError(
-                f"{path}: missing from the bundle (listed in manifest.json); re-export the bundle"
-            )
+            raise BundleError(f"{path}: missing from the bundle (listed in manifest.json); {REEXPORT}")
         if path.stat().st_size != entry["bytes"]:
             raise BundleError(
                 f"{path}: {path.stat().st_size} bytes, but manifest.json says {entry['bytes']}: the file was "
-                "replaced or truncated; re-export the bundle"
+                f"replaced or truncated; {REEXPORT}"
             )
         if verify_hashes:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             if digest != entry["sha256"]:
-                raise BundleError(f"{path}: sha256 differs from manifest.json; re-export the bundle")
+                raise BundleError(f"{path}: sha256 differs from manifest.json; {REEXPORT}")
     for name in ("config.json", "tokenizer.json"):
         if not (bundle / name).is_file():
-            raise BundleError(f"{bundle / name}: missing; re-export the bundle")
+            raise BundleError(f"{bundle / name}: missing; {REEXPORT}")
 
 
 def resolve_precisions(precision: str | Mapping[str, str]) -> dict[str, str]:
@@ -184,7 +188,7 @@ class TinyMusicianONNX:
                 )
             except Exception as err:  # onnxruntime raises its own exception types
                 raise BundleError(
-                    f"{self.bundle / relative}: ONNX Runtime cannot load it ({err}); re-export"
+                    f"{self.bundle / relative}: ONNX Runtime cannot load it ({err}); {REEXPORT}"
                 ) from err
         self.check_graphs()
         self.tokenizer = Tokenizer.from_file(str(self.bundle / "tokenizer.json"))
@@ -211,12 +215,13 @@ class TinyMusicianONNX:
         if names != expected:
             raise BundleError(
                 f"{self.bundle}: decoder_model_merged inputs differ from this bundle's manifest "
-                f"(missing {sorted(expected - names)[:4]}, unexpected {sorted(names - expected)[:4]}); re-export"
+                f"(missing {sorted(expected - names)[:4]}, unexpected {sorted(names - expected)[:4]}); {REEXPORT}"
             )
         heads = next(i.shape[1] for i in decoder.get_inputs() if i.name == self.past_names[0])
         if heads != self.facts["num_heads"]:
             raise BundleError(
-                f"{self.bundle}: decoder has {heads} heads, manifest says {self.facts['num_heads']}"
+                f"{self.bundle}: decoder has {heads} heads, manifest.json says {self.facts['num_heads']}: "
+                f"graphs and manifest come from different exports; {REEXPORT}"
             )
 
     def _tokenizer_pad(self) -> str:
@@ -245,7 +250,8 @@ class TinyMusicianONNX:
         if not low <= frames <= high:
             raise GenerationError(
                 f"seconds={seconds}: {frames} codec frames at {self.frame_rate} Hz; this model generates "
-                f"{low}..{high} frames ({low / self.frame_rate:.2f}..{high / self.frame_rate:.1f} s)"
+                f"{low}..{high} frames ({low / self.frame_rate:.2f}..{high / self.frame_rate:.1f} s): "
+                "choose seconds in that range"
             )
         return frames
 
@@ -305,8 +311,8 @@ class TinyMusicianONNX:
         rng = np.random.default_rng(seed) if do_sample else None
         pattern = delay_pattern(num_codebooks, frames, pad)
         sequence = np.full((batch, num_codebooks, pattern.shape[1]), pad, dtype=np.int64)
+        # position 0 holds the start token (MusicGen's decoder_start_token_id is its pad id, as the pattern says)
         sequence[:, :, 0] = facts["decoder_start_token_id"]
-        sequence[:, :, 0] = np.where(pattern[:, 0] == -1, sequence[:, :, 0], pattern[:, 0])
         rows = text_states.shape[0]
         empty = np.zeros((rows, facts["num_heads"], 0, facts["head_dim"]), dtype=np.float32)
         feeds: dict[str, np.ndarray] = {
@@ -352,7 +358,7 @@ class TinyMusicianONNX:
         ``do_sample=False`` is greedy decoding; ``seed`` makes sampling reproducible. ``last_stats`` holds the
         timing of this call (seconds per stage, real-time factor = compute seconds / audio seconds).
         """
-        if temperature <= 0:
+        if do_sample and temperature <= 0:
             raise GenerationError(f"temperature={temperature}: must be > 0 (use do_sample=False for greedy)")
         frames = self.frames_for(seconds)
         started = time.perf_counter()
