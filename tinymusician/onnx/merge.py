@@ -52,6 +52,12 @@ def _branch(
 
     nodes = []
     for node in graph.node:
+        if any(
+            attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attr in node.attribute
+        ):
+            raise ValueError(
+                f"{node.op_type} node {node.name!r} has a subgraph; merging does not rename inside it"
+            )
         new = onnx.NodeProto()
         new.CopyFrom(node)
         new.name = f"{prefix}{node.name}"
