@@ -319,6 +319,31 @@ def test_underflowing_probabilities_stay_finite(name, value):
     assert torch.isfinite(out) and torch.isfinite(s.grad).all()
 
 
+@pytest.mark.parametrize("scale", [3.0, 300.0])
+@pytest.mark.parametrize("where", ["none", "both", "teacher", "student"])
+def test_skewed_kl_mix_matches_its_parts_at_the_extremes(scale, where):
+    """The stage-mixed kernel computes both skews from one clamped exp: check it where that matters."""
+    student, teacher, valid = _inputs(scale=scale)  # scale 300: most probabilities underflow to 0
+    masked = torch.zeros(V, dtype=torch.bool)
+    masked[[1, 4, 7]] = True
+    if where in ("both", "student"):
+        student[..., masked] = float("-inf")
+    if where in ("both", "teacher"):
+        teacher[..., masked] = float("-inf")
+    kwargs = {"alpha": 0.1, "reduction": "none"}
+    s = student.clone().requires_grad_()
+    mixed, mix_skl, mix_srkl = div.skewed_kl_mix(s, teacher, valid, w_fwd=0.3, **kwargs)
+    mixed.sum().backward()
+    assert torch.isfinite(mixed).all() and torch.isfinite(s.grad).all()
+    s_ref = student.clone().requires_grad_()
+    skl = div.skewed_forward_kl(s_ref, teacher, valid, **kwargs)
+    srkl = div.skewed_reverse_kl(s_ref, teacher, valid, **kwargs)
+    (0.3 * skl.sum() + 0.7 * srkl.sum()).backward()
+    torch.testing.assert_close(mix_skl, skl.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mix_srkl, srkl.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_teacher_with_grad_is_a_constant_target():
     student, teacher, valid = _inputs()
     s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()

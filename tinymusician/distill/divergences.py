@@ -52,6 +52,7 @@ _CHUNK_ELEMENTS = {"cpu": 1 << 22}
 _CHUNK_ELEMENTS_DEFAULT = 1 << 24  # accelerators: fewer, larger kernels
 
 _AKL_TOPK = 64
+_MIX_CLAMP = 60.0  # |log(p / q)| bound in the stage-mixed kernel (see _mix_kernel)
 
 # A kernel maps (log_q, log_p, grad_out, **params) of one chunk ([n, V] fp32) to per-row values
 # (value, *extras), each [n]; only the value is differentiable, extras are logged quantities. When grad_out
@@ -180,13 +181,23 @@ def _mix_kernel(log_q, log_p, grad_out, alpha, w_fwd):
             qg = (log_q - log_p).mul_(q).mul_(1.0 - w_fwd).sub_(p, alpha=w_fwd)
             _centre(qg, q, grad_out)  # the centring of -w p is -w p + w q: exactly FKL's gradient
     else:
-        need_grad = grad_out is not None
+        # Both skews from one exp: with e = p / q and k = (1-a)/a, a p / m1 = 1 / (1 + k / e) and
+        # a q / m2 = 1 / (1 + k e). log1p keeps the logs accurate at both ends. |log(p/q)| is clamped at 60:
+        # beyond it the affected term is weighted by the smaller probability (< e^-60 of the other), so the
+        # values and gradients move by less than fp32 resolution.
+        k, log_a = (1.0 - alpha) / alpha, math.log(alpha)
         q, p = log_q.exp(), log_p.exp()
-        d = log_p - log_q
-        skl, qg_skl = _skl_parts(d, p, q, alpha, need_grad)
-        srkl, qg_srkl = _srkl_parts(d, q, alpha, need_grad)
-        if need_grad:  # both are still q * dF/dq (SKL's up to its factor): centre their weighted sum once
-            qg = qg_srkl.mul_(1.0 - w_fwd).add_(qg_skl, alpha=-w_fwd * (1.0 - alpha) / alpha)
+        ratio = (log_p - log_q).clamp_(-_MIX_CLAMP, _MIX_CLAMP).exp_()  # p / q
+        k_p_q = ratio * k
+        k_q_p = ratio.reciprocal_().mul_(k)
+        skl = _dot(p, torch.log1p(k_q_p).add_(log_a).neg_())  # sum p log(p / m1)
+        log_qm = torch.log1p(k_p_q).add_(log_a).neg_()  # log(q / m2)
+        srkl = _dot(q, log_qm)
+        if grad_out is not None:
+            # q dF/dq, constants left out (the centring removes them): SRKL q (log(q/m2) - a q/m2), SKL -k q a p/m1
+            r2 = k_p_q.add_(1.0).reciprocal_()
+            r1 = k_q_p.add_(1.0).reciprocal_()
+            qg = log_qm.sub_(r2).mul_(1.0 - w_fwd).add_(r1, alpha=-w_fwd * k).mul_(q)
             _centre(qg, q, grad_out)
     value = skl * w_fwd + srkl * (1.0 - w_fwd)
     return value, skl, srkl
