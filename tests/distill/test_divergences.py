@@ -290,16 +290,22 @@ def test_half_precision_inputs_are_upcast(name, value, dtype):
     torch.testing.assert_close(s.grad.float(), s32.grad.to(dtype).float())
 
 
-@pytest.mark.parametrize(("name", "value"), PARAMS)
-@pytest.mark.parametrize("where", ["both", "teacher", "student"])
-def test_minus_inf_logits_give_finite_values_and_gradients(name, value, where):
-    student, teacher, valid = _inputs(scale=3.0)
+def _mask_tokens(student: torch.Tensor, teacher: torch.Tensor, where: str) -> torch.Tensor:
+    """Set vocabulary entries 1, 4, 7 to -inf on the side(s) ``where`` names (in place); returns the mask."""
     masked = torch.zeros(V, dtype=torch.bool)
     masked[[1, 4, 7]] = True
     if where in ("both", "student"):
         student[..., masked] = float("-inf")
     if where in ("both", "teacher"):
         teacher[..., masked] = float("-inf")
+    return masked
+
+
+@pytest.mark.parametrize(("name", "value"), PARAMS)
+@pytest.mark.parametrize("where", ["both", "teacher", "student"])
+def test_minus_inf_logits_give_finite_values_and_gradients(name, value, where):
+    student, teacher, valid = _inputs(scale=3.0)
+    masked = _mask_tokens(student, teacher, where)
     teacher[0, 1, 1, 1] = torch.finfo(torch.float32).min  # Hugging Face style mask value
     s = student.clone().requires_grad_()
     out = _call(name, s, teacher, valid, value, reduction="none")
@@ -324,12 +330,7 @@ def test_underflowing_probabilities_stay_finite(name, value):
 def test_skewed_kl_mix_matches_its_parts_at_the_extremes(scale, where):
     """The stage-mixed kernel computes both skews from one clamped exp: check it where that matters."""
     student, teacher, valid = _inputs(scale=scale)  # scale 300: most probabilities underflow to 0
-    masked = torch.zeros(V, dtype=torch.bool)
-    masked[[1, 4, 7]] = True
-    if where in ("both", "student"):
-        student[..., masked] = float("-inf")
-    if where in ("both", "teacher"):
-        teacher[..., masked] = float("-inf")
+    _mask_tokens(student, teacher, where)
     kwargs = {"alpha": 0.1, "reduction": "none"}
     s = student.clone().requires_grad_()
     mixed, mix_skl, mix_srkl = div.skewed_kl_mix(s, teacher, valid, w_fwd=0.3, **kwargs)
