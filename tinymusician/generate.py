@@ -133,6 +133,18 @@ def torch_generate(
     return audio.float().mean(dim=1).cpu().numpy(), captured[0].cpu().numpy()
 
 
+def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line's decoding choices, passed the same way to both backends."""
+    return {
+        "guidance_scale": args.guidance_scale,
+        "do_sample": not args.greedy,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "progress": True,
+    }
+
+
 def run_torch(args: argparse.Namespace) -> tuple[np.ndarray, int, dict[str, float]]:
     import torch
 
@@ -152,12 +164,7 @@ def run_torch(args: argparse.Namespace) -> tuple[np.ndarray, int, dict[str, floa
         tokenizer,
         args.prompts,
         frames,
-        guidance_scale=args.guidance_scale,
-        do_sample=not args.greedy,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        seed=args.seed,
-        progress=True,
+        **decoding_options(args),
     )
     compute = time.perf_counter() - started
     audio_seconds = frames / frame_rate
@@ -174,12 +181,7 @@ def run_onnx(args: argparse.Namespace) -> tuple[np.ndarray, int, dict[str, float
     audio = model.generate(
         args.prompts,
         args.seconds,
-        guidance_scale=args.guidance_scale,
-        do_sample=not args.greedy,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        seed=args.seed,
-        progress=True,
+        **decoding_options(args),
     )
     return audio, model.sampling_rate, model.last_stats
 
