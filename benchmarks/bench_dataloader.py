@@ -25,8 +25,9 @@ from types import SimpleNamespace
 import numpy as np
 import soundfile as sf
 import torch
+from bench_quant import encodec_32khz_config
 from torch.utils.data import DataLoader, Dataset
-from transformers import EncodecConfig, EncodecModel
+from transformers import EncodecModel
 
 from tinymusician.data.audio import load_audio
 from tinymusician.data.datamodule import CaptionCollator, SegmentDataset, codec_hop, encode_audio
@@ -39,19 +40,7 @@ def build_codec(name: str) -> SimpleNamespace:
     if name == "tiny":
         _, student, _ = build_untrained_pair(TinySpec())
         return SimpleNamespace(audio_encoder=student.audio_encoder.eval())
-    config = EncodecConfig(
-        sampling_rate=32000,
-        audio_channels=1,
-        num_filters=64,
-        upsampling_ratios=[8, 5, 4, 4],
-        codebook_size=2048,
-        target_bandwidths=[2.2],
-        hidden_size=128,
-        num_lstm_layers=2,
-        normalize=False,
-        chunk_length_s=None,
-        overlap=None,
-    )
+    config = encodec_32khz_config(chunk_length_s=None, overlap=None)
     torch.manual_seed(0)
     return SimpleNamespace(audio_encoder=EncodecModel(config).eval())
 

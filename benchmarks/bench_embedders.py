@@ -39,22 +39,10 @@ def build_vggish(directory: Path) -> VGGishEmbedder:
 
 
 def build_encodec() -> EncodecEmbedder:
-    from transformers import EncodecConfig, EncodecModel
+    from bench_quant import encodec_32khz_config
+    from transformers import EncodecModel
 
-    config = EncodecConfig(  # facebook/encodec_32khz, MusicGen's codec
-        sampling_rate=32000,
-        audio_channels=1,
-        num_filters=64,
-        hidden_size=128,
-        upsampling_ratios=[8, 5, 4, 4],
-        codebook_size=2048,
-        target_bandwidths=[2.2],
-        num_lstm_layers=2,
-        use_causal_conv=False,
-        normalize=False,
-        norm_type="weight_norm",
-        pad_mode="constant",
-    )
+    config = encodec_32khz_config(use_causal_conv=False, norm_type="weight_norm", pad_mode="constant")
     return EncodecEmbedder("encodec_32khz (random weights)", codec=EncodecModel(config).eval())
 
 

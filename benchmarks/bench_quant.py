@@ -49,6 +49,24 @@ from tinymusician.quant import (
 )
 
 
+def encodec_32khz_config(**overrides) -> EncodecConfig:
+    """facebook/encodec_32khz's architecture (MusicGen's codec), random weights; ``overrides`` per benchmark."""
+    return EncodecConfig(
+        **{
+            "sampling_rate": 32000,
+            "audio_channels": 1,
+            "num_filters": 64,
+            "hidden_size": 128,
+            "upsampling_ratios": [8, 5, 4, 4],
+            "codebook_size": 2048,
+            "target_bandwidths": [2.2],
+            "num_lstm_layers": 2,
+            "normalize": False,
+            **overrides,
+        }
+    )
+
+
 def small_architecture() -> MusicgenForConditionalGeneration:
     """MusicGen-Small's architecture with random weights (587M parameters, about 2.4 GB in fp32)."""
     text = T5Config(
@@ -60,18 +78,7 @@ def small_architecture() -> MusicgenForConditionalGeneration:
         num_heads=12,
         feed_forward_proj="relu",
     )
-    codec = EncodecConfig(
-        sampling_rate=32000,
-        upsampling_ratios=[8, 5, 4, 4],
-        num_filters=64,
-        hidden_size=128,
-        num_lstm_layers=2,
-        codebook_size=2048,
-        target_bandwidths=[2.2],
-        normalize=False,
-        use_causal_conv=False,
-        compress=2,
-    )
+    codec = encodec_32khz_config(use_causal_conv=False, compress=2)
     decoder = MusicgenDecoderConfig(
         vocab_size=2048,
         num_codebooks=4,
