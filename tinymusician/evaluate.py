@@ -399,8 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--model", help="MusicGen checkpoint: save_pretrained directory or hub id")
+    what.add_argument(
+        "--model",
+        help="MusicGen to generate with: save_pretrained dir, hub id, `tiny`, a training .ckpt, or a quantized bundle",
+    )
     what.add_argument("--audio-dir", help="folder of WAVs to score (CLAP needs its metadata.jsonl captions)")
+    parser.add_argument(
+        "--base", default=None, help="architecture/tokenizer for a .ckpt --model (default: <run>/student)"
+    )
     parser.add_argument(
         "--reference", help="reference: folder of WAVs, or a statistics file from --save-stats"
     )
@@ -460,37 +466,59 @@ def build_embedders(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0; 2 with ``error: ...`` on stderr for a setting, file or model that cannot work."""
+    from tinymusician.models.musicgen import ModelSourceError
+    from tinymusician.quant.bundle import BundleError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except (EvaluationError, EmbedderError, ModelSourceError, BundleError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.model is None and args.audio_dir is None and not args.save_stats:
-        raise SystemExit("give --model or --audio-dir to score, or --reference with --save-stats")
+        raise EvaluationError("give --model or --audio-dir to score, or --reference with --save-stats")
     if args.save_stats and not args.reference:
-        raise SystemExit("--save-stats needs --reference: the folder of WAVs whose statistics to save")
+        raise EvaluationError("--save-stats needs --reference: the folder of WAVs whose statistics to save")
     reference = resolve_path(args.reference) if args.reference else None
     if reference is not None and not reference.exists():
-        raise SystemExit(f"--reference {args.reference!r} does not exist")
+        raise EvaluationError(f"--reference {args.reference!r} does not exist")
     if args.save_stats and reference is not None and not reference.is_dir():
-        raise SystemExit("--save-stats embeds a folder of WAVs: --reference must be a directory")
+        raise EvaluationError("--save-stats embeds a folder of WAVs: --reference must be a directory")
     specs = [parse_embedder(s) for s in (args.embedder or (["encodec"] if args.model else []))]
     if reference is not None and not specs:
-        raise SystemExit(
+        raise EvaluationError(
             "FAD needs an embedder: --embedder vggish:/path/vggish-10086976.pth (or encodec:..., clap)"
         )
     if not specs and not args.clap:
-        raise SystemExit(
+        raise EvaluationError(
             "nothing to compute: give --reference (+ --embedder) for FAD and/or --clap for the CLAP score"
         )
     if specs and reference is None:
-        raise SystemExit("FAD needs --reference (a folder of WAVs or a statistics file)")
+        raise EvaluationError("FAD needs --reference (a folder of WAVs or a statistics file)")
+    if args.audio_dir is not None and not resolve_path(args.audio_dir).is_dir():
+        raise EvaluationError(f"--audio-dir {args.audio_dir!r}: not a directory of audio files")
 
     model = tokenizer = None
     if args.model:
-        from tinymusician.models.musicgen import check_model_source, load_musicgen, load_tokenizer
+        from tinymusician.models.source import load_named_model
+        from tinymusician.quant.ptq import PLAN_ATTRIBUTE
 
-        check_model_source(args.model, "--model")
-        model = load_musicgen(args.model).to(args.device)
-        tokenizer = load_tokenizer(args.model)
+        model, tokenizer, description = load_named_model(args.model, args.base, key="--model", quantized=True)
+        log.info("evaluating %s", description)
+        model = model.to(args.device)
+        own_codec = [s for s in specs if s["name"] == "encodec" and not s.get("source")]
+        if own_codec and getattr(model, PLAN_ATTRIBUTE, None) is not None:
+            raise EvaluationError(
+                f"--model {args.model} is a quantized bundle: it keeps no EnCodec encoder, so it cannot be its "
+                "own FAD embedder. Give --embedder encodec:<the student directory it was quantized from> "
+                "(the same embedder as the student's score)"
+            )
     embedders = build_embedders(specs, model, args.model, args.device)
     clap = None
     if args.clap:

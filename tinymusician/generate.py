@@ -1,8 +1,10 @@
 """Text to music: ``python -m tinymusician.generate "PROMPT" [...] --model MODEL --seconds 10 --out a.wav``.
 
 MODEL is an exported ONNX bundle (a directory with ``manifest.json``: runs on ONNX Runtime, NumPy and
-tokenizers only) or anything PyTorch loads: a ``save_pretrained`` dir, a hub id, ``tiny`` or a training
-``.ckpt``. Both backends use the same decoding (delay pattern, classifier-free guidance, temperature + top-k
+tokenizers only; its graphs are checked against the manifest's sha256 once per file, ``--no-verify`` skips
+that) or anything PyTorch loads: a ``save_pretrained`` dir, a quantized bundle (``tinymusician.quantize``),
+a hub id, ``tiny`` or a training ``.ckpt``. Bad arguments and unusable models fail before generating, with
+``error: ...`` and exit status 2. Both backends use the same decoding (delay pattern, classifier-free guidance, temperature + top-k
 sampling, or ``--greedy``), show progress, and report the real-time factor (compute seconds per second of
 audio; below 1.0 is faster than real time). Several prompts are generated as one batch and written as
 ``a.wav``, ``a-1.wav``, ...
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -69,11 +72,18 @@ def torch_generate(
     if any(not p.strip() for p in prompts) or not prompts:
         raise GenerationError("empty prompt: describe the music to generate")
     num_codebooks = model.decoder.config.num_codebooks
+    rate = int(model.config.audio_encoder.frame_rate)
     if frames < min_frames(model):
-        rate = int(model.config.audio_encoder.frame_rate)
         raise GenerationError(
             f"{frames} frames is too short: at least {min_frames(model)} ({min_frames(model) / rate:.2f} s at "
             f"{rate} Hz); ask for more seconds"
+        )
+    most = max_frames(model)
+    if frames > most:
+        raise GenerationError(
+            f"{frames} frames ({frames / rate:.1f} s at {rate} Hz) is too long: the decoder's position table "
+            f"(max_position_embeddings={model.decoder.config.max_position_embeddings}) holds at most {most} "
+            f"frames ({most / rate:.1f} s), as in the ONNX bundle; ask for fewer seconds"
         )
     text = tokenizer(
         list(prompts), padding=True, truncation=True, max_length=max_text_tokens, return_tensors="pt"
@@ -133,6 +143,32 @@ def torch_generate(
     return audio.float().mean(dim=1).cpu().numpy(), captured[0].cpu().numpy()
 
 
+def max_frames(model: Any) -> int:
+    """Longest clip in codec frames: the delayed sequence (frames + K - 1 steps) must fit the position table,
+    the same limit as the exported ONNX graph (manifest.json's max_frames)."""
+    decoder = model.decoder.config
+    return int(decoder.max_position_embeddings - decoder.num_codebooks + 1)
+
+
+def check_output(out: Path) -> None:
+    """Fail before generating, not after, when the audio could not be written to ``out``."""
+    import soundfile as sf
+
+    formats = sf.available_formats()
+    if out.suffix[1:].upper() not in formats:
+        raise GenerationError(
+            f"--out {out}: unknown audio format {out.suffix or '(no extension)'!r}; name the file .wav "
+            f"(or {', '.join('.' + f.lower() for f in ('FLAC', 'OGG') if f in formats)})"
+        )
+    if out.is_dir():
+        raise GenerationError(
+            f"--out {out}: is a directory; give a file name such as {out / 'generated.wav'}"
+        )
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise GenerationError(f"--out {out}: {blocker} is a file, so the directory cannot be created")
+
+
 def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
     """The command line's decoding choices, passed the same way to both backends."""
     return {
@@ -152,7 +188,7 @@ def run_torch(args: argparse.Namespace) -> tuple[np.ndarray, int, dict[str, floa
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer, description = load_named_model(args.model, args.base, key="--model")
+    model, tokenizer, description = load_named_model(args.model, args.base, key="--model", quantized=True)
     model.eval()
     log.info("PyTorch backend: %s", description)
     codec = model.config.audio_encoder
@@ -176,7 +212,9 @@ def run_torch(args: argparse.Namespace) -> tuple[np.ndarray, int, dict[str, floa
 
 
 def run_onnx(args: argparse.Namespace) -> tuple[np.ndarray, int, dict[str, float]]:
-    model = TinyMusicianONNX(args.model, precision=args.precision, threads=args.threads)
+    model = TinyMusicianONNX(
+        args.model, precision=args.precision, threads=args.threads, verify=not args.no_verify
+    )
     log.info("ONNX Runtime backend: %s (%s)", args.model, model.precisions)
     audio = model.generate(
         args.prompts,
@@ -192,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("prompts", nargs="+", help="one or more descriptions of the music")
     parser.add_argument(
-        "--model", required=True, help="ONNX bundle dir, save_pretrained dir, hub id, tiny, or .ckpt"
+        "--model",
+        required=True,
+        help="ONNX bundle dir, save_pretrained dir, quantized bundle dir, hub id, tiny, or .ckpt",
     )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=Path("generated.wav"))
@@ -208,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX graphs to load (bundle only; default fp32 if exported, else the bundle's first precision)",
     )
     parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="bundle only: check graph sizes but not their sha256 (hashed once per file and remembered)",
+    )
+    parser.add_argument(
         "--base", default=None, help="architecture/tokenizer for a .ckpt (default: <run>/student)"
     )
     parser.add_argument(
@@ -221,15 +266,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # prompts before, between or after the options
     backend = "onnx" if is_bundle(args.model) else "torch"
     try:
+        if not math.isfinite(args.seconds) or args.seconds <= 0:
+            raise GenerationError(f"--seconds {args.seconds}: must be a positive number of seconds")
+        check_output(args.out)
         audio, sample_rate, stats = run_onnx(args) if backend == "onnx" else run_torch(args)
     except (BundleError, GenerationError, FileNotFoundError, ValueError, RuntimeError) as err:
         # bad bundle, bad arguments, unknown model dir / hub id (ModelSourceError), wrong checkpoint
         print(f"error: {err}", file=sys.stderr)
         return 2
-    paths = write_wavs(args.out, audio, sample_rate)
+    try:
+        paths = write_wavs(args.out, audio, sample_rate)
+    except Exception as err:  # soundfile / OS errors: keep the generated audio anyway
+        import tempfile
+
+        rescue = Path(tempfile.mkdtemp(prefix="tinymusician-")) / "audio.npy"
+        np.save(rescue, audio)
+        print(
+            f"error: cannot write {args.out} ({err}); the generated audio ([B, samples] float32 at "
+            f"{sample_rate} Hz) is saved in {rescue}",
+            file=sys.stderr,
+        )
+        return 1
     speed = "faster than real time" if stats["rtf"] < 1 else "slower than real time"
     print(
         f"Wrote {', '.join(map(str, paths))}: {len(paths)} x {stats['audio_s']:.2f} s at {sample_rate} Hz "

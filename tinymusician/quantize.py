@@ -6,6 +6,7 @@ as for training: ``quant=paper|int8|adaptive`` picks the plan (required), ``quan
 tunes it, ``data.*`` chooses the held-out clips the fidelity is measured on. The same
 :class:`~tinymusician.callbacks.quantize.QuantizeCallback` as in training does the work, so the bundle and
 ``quant_report.json`` are identical; the bundle is then loaded back and generates a short clip as a check.
+Overrides, SOURCE and options may come in any order (``SOURCE --out DIR quant=paper`` works too).
 """
 
 from __future__ import annotations
@@ -44,48 +45,80 @@ def check_generation(bundle_dir: Path, prompt: str, tokens: int) -> tuple[int, .
     return tuple(audio.shape)
 
 
+def split_overrides(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """Positional tokens -> (sources, Hydra overrides): an override has ``=`` and is not an existing path
+    (a multirun directory such as ``.../0_loss=fkl/student`` is a source)."""
+    overrides = [t for t in tokens if "=" in t and not Path(t).expanduser().exists()]
+    return [t for t in tokens if t not in overrides], overrides
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """Options, the source and ``key=value`` overrides in any order (``SRC --out DIR quant=paper`` too)."""
     parser = argparse.ArgumentParser(
         prog="python -m tinymusician.quantize",
         description=__doc__.split("\n\n")[0],
+        usage="%(prog)s SOURCE quant=PLAN [OVERRIDES ...] [--out DIR] [options]",
         epilog=f"plans: {', '.join(known_plan_names())}. Example: python -m tinymusician.quantize "
         "logs/kd_only/runs/<time>/student quant=int8 --out int8-bundle",
     )
-    parser.add_argument("source", help="save_pretrained dir, hub id, `tiny`, or a Lightning .ckpt")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. quant=paper data.num_val=16")
+    parser.add_argument(
+        "positionals",
+        nargs="*",
+        metavar="SOURCE | OVERRIDE",
+        help="SOURCE: save_pretrained dir, hub id, `tiny`, or a Lightning .ckpt; OVERRIDE: Hydra key=value, "
+        "e.g. quant=paper data.num_val=16 (any order, before or after the options)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="bundle + report directory")
     parser.add_argument(
         "--base", default=None, help="architecture/tokenizer for a .ckpt (default: <run>/student)"
     )
     parser.add_argument("--prompt", default=TEMPLATE, help="prompt of the generation check")
     parser.add_argument("--check-tokens", type=int, default=16, help="tokens generated as a check (0: skip)")
-    args = parser.parse_args(argv)
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        parser.error(f"unexpected arguments {bad}: overrides are key=value (e.g. quant=paper)")
-    return args, args.overrides
+    args = parser.parse_intermixed_args(argv)
+    sources, overrides = split_overrides(args.positionals)
+    if len(sources) != 1:
+        parser.error(
+            f"give exactly one SOURCE (got {sources or 'none'}); overrides are key=value (e.g. quant=paper)"
+        )
+    args.source = sources[0]
+    return args, overrides
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hydra.errors import HydraException
+
+    from tinymusician.models.musicgen import ModelSourceError
+    from tinymusician.quant.bundle import BundleError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args, overrides = parse_args(argv)
     plan = next((o.split("=", 1)[1] for o in overrides if re.fullmatch(r"\+?quant=.*", o)), None)
     if plan is None:
-        raise SystemExit(
+        return fail(
             f"choose a plan: quant={'|'.join(n for n in known_plan_names() if n != 'fp32')} "
             "(the options of conf/quant/)"
         )
     name = Path(args.source.rstrip("/")).stem or "model"
     output_dir = (args.out or Path("quantized") / f"{name}-{plan}").resolve()
-    cfg = compose_config(overrides, output_dir)
     try:
+        cfg = compose_config(overrides, output_dir)
         check_quant_config(cfg.quant)
+    except HydraException as err:
+        return fail(f"overrides {overrides}: {err}")
     except PlanError as err:
-        raise SystemExit(f"quant: {err}") from None
+        return fail(f"quant: {err}")
     if "_target_" not in cfg.quant:
-        raise SystemExit("quant=none does nothing; choose quant=paper|int8|adaptive")
+        return fail("quant=none does nothing; choose quant=paper|int8|adaptive")
 
-    student, tokenizer, description = load_source(args.source, cfg, args.base)
+    try:
+        student, tokenizer, description = load_source(args.source, cfg, args.base)
+    except (ModelSourceError, FileNotFoundError) as err:
+        return fail(str(err))
     datamodule = instantiate(cfg.data)
     datamodule.attach(student, tokenizer)
     datamodule.setup("validate")
@@ -111,7 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         f"  report            {callback.report_path}",
     ]
     if args.check_tokens > 0:
-        shape = check_generation(output_dir, args.prompt, args.check_tokens)
+        try:
+            shape = check_generation(output_dir, args.prompt, args.check_tokens)
+        except (BundleError, RuntimeError) as err:
+            print("\n".join(lines), flush=True)
+            print(f"error: the bundle was written but the generation check failed: {err}", file=sys.stderr)
+            return 1
         lines.append(f"  generation check  reloaded and generated audio {shape} from {args.prompt!r}")
     print("\n".join(lines), flush=True)
     return 0

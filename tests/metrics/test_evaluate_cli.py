@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from tinymusician.evaluate import EvaluationError, main, read_prompts
-from tinymusician.metrics import EmbedderError
 
 
 @pytest.fixture
@@ -65,22 +65,62 @@ def test_cli_generates_from_a_checkpoint_dir(tiny_pair, folders, tmp_path, capsy
     assert "FAD(encodec)" in capsys.readouterr().out
 
 
-def test_cli_errors_name_the_missing_piece(folders, tmp_path, tiny_vggish_path, tiny_clap_dir):
+def test_cli_errors_name_the_missing_piece(folders, tmp_path, tiny_vggish_path, tiny_clap_dir, capsys):
+    """Every expected error: `error: ...` on stderr and exit status 2 (no traceback)."""
     reference, generated = folders
-    with pytest.raises(EmbedderError, match="encodec needs a MusicGen checkpoint"):
-        main(
-            ["--audio-dir", str(generated), "--reference", str(reference), "--no-progress"]
-            + ["--embedder", "encodec"]
-        )
-    with pytest.raises(SystemExit, match="FAD needs --reference"):
-        main(["--audio-dir", str(generated), "--embedder", f"vggish:{tiny_vggish_path}"])
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["--audio-dir", str(generated), "--reference", str(tmp_path / "nope"), "--embedder", "vggish:x"])
-    with pytest.raises(EmbedderError, match="unknown embedder 'openl3'"):
-        main(["--audio-dir", str(generated), "--reference", str(reference), "--embedder", "openl3"])
+
+    def fails(argv: list[str], message: str) -> None:
+        assert main(argv) == 2
+        assert re.search(message, capsys.readouterr().err.splitlines()[-1]), message
+
+    fails(
+        [
+            "--audio-dir",
+            str(generated),
+            "--reference",
+            str(reference),
+            "--no-progress",
+            "--embedder",
+            "encodec",
+        ],
+        "^error: --embedder encodec needs a MusicGen checkpoint",
+    )
+    fails(
+        ["--audio-dir", str(generated), "--embedder", f"vggish:{tiny_vggish_path}"], "FAD needs --reference"
+    )
+    nope = ["--reference", str(tmp_path / "nope"), "--embedder", "vggish:x"]
+    fails(["--audio-dir", str(generated), *nope], "nope' does not exist")
+    fails(
+        ["--audio-dir", str(generated), "--reference", str(reference), "--embedder", "openl3"],
+        "unknown embedder 'openl3'",
+    )
+    fails(
+        ["--audio-dir", str(tmp_path / "missing"), "--clap", str(tiny_clap_dir)], "missing': not a directory"
+    )
     (generated / "metadata.jsonl").unlink()
-    with pytest.raises(ValueError, match="metadata.jsonl is missing"):
-        main(["--audio-dir", str(generated), "--clap", str(tiny_clap_dir), "--no-progress"])
+    fails(
+        ["--audio-dir", str(generated), "--clap", str(tiny_clap_dir), "--no-progress"],
+        "metadata.jsonl is missing",
+    )
+
+
+def test_cli_model_errors_name_the_path(tiny_pair, folders, tmp_path, capsys):
+    """A .ckpt file is read as a checkpoint (it was reported as a missing directory); a file that is not one
+    is named."""
+    reference, _ = folders
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"not a checkpoint")
+    common = ["--reference", str(reference), "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    assert main(["--model", str(checkpoint), "--base", str(tiny_pair.student), *common]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {checkpoint}: not loaded" in err and "does not exist" not in err
+    import torch
+
+    torch.save({"state_dict": {"student.w": torch.zeros(1)}}, checkpoint)
+    assert main(["--model", str(checkpoint), *common]) == 2  # no --base and no <run>/student
+    assert "cannot tell the architecture" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report.json").exists()
 
 
 def test_prompts_from_text_and_csv_files(tmp_path):

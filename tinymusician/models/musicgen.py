@@ -5,6 +5,7 @@ This is the one place that converts to and from Hugging Face's ``(B*K, T)`` deco
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -37,22 +38,66 @@ def looks_like_path(name_or_path: str) -> bool:
     )
 
 
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def describe_source(source: str | Path) -> str:
+    """The ``source`` a bundle records (what it was made from), for messages that point back to it."""
+    for name, key in (("manifest.json", "source"), ("quant_report.json", "student_dir")):
+        try:
+            found = json.loads((Path(source) / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if found:
+            return f" (made from {found})"
+    return ""
+
+
 def check_model_source(name_or_path: str, key: str) -> None:
     """Fail fast (before any weights load) when ``name_or_path`` is neither a model dir nor a reachable hub id.
 
-    Only ``config.json`` is fetched, so this is cheap online and instant offline.
+    Only ``config.json`` is fetched, so this is cheap online and instant offline. Directories that hold something
+    else (an ONNX bundle, a quantized bundle, a config without weights) and plain files are named as such.
     """
     path = Path(name_or_path).expanduser()
+    expected = (
+        f"Point {key} at a directory written by `save_pretrained` (config.json + model.safetensors, e.g. a run's "
+        "student/), a hub id, `tiny`, or a training checkpoint (.ckpt)"
+    )
     if looks_like_path(name_or_path):
+        if path.is_file():
+            raise ModelSourceError(
+                f"{key}={name_or_path!r}: is a file, not a model directory. {expected}"
+                + (f"; for this file, its directory {path.parent}" if path.name in WEIGHT_FILES else "")
+            )
         if not path.is_dir():
             raise ModelSourceError(
-                f"{key}={name_or_path!r}: local model directory does not exist. Point {key} at a directory "
-                "written by `save_pretrained` (config.json + model.safetensors), or at a hub id."
+                f"{key}={name_or_path!r}: local model directory does not exist. {expected}."
+            )
+        if (path / "manifest.json").is_file():
+            raise ModelSourceError(
+                f"{key}={name_or_path!r}: is an ONNX bundle{describe_source(path)}, not a PyTorch model: generate "
+                f"from it with `python -m tinymusician.generate PROMPT --model {name_or_path}`. {expected}."
+            )
+        if (path / "quant_plan.json").is_file():
+            raise ModelSourceError(
+                f"{key}={name_or_path!r}: is a quantized bundle{describe_source(path)}, which cannot be quantized or "
+                f"exported again. {expected}: the full-precision student the bundle was made from."
             )
         if not (path / "config.json").is_file():
             raise ModelSourceError(
                 f"{key}={name_or_path!r}: directory has no config.json, so it is not a saved model. "
                 "Save one with `model.save_pretrained(dir)`."
+            )
+        if not any((path / name).is_file() for name in WEIGHT_FILES):
+            raise ModelSourceError(
+                f"{key}={name_or_path!r}: has config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}). "
+                f"{expected}."
             )
         return
     try:
@@ -67,27 +112,52 @@ def check_model_source(name_or_path: str, key: str) -> None:
         ) from err
 
 
+def first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
 def load_musicgen(
     name_or_path: str, *, dtype: str | torch.dtype | None = None
 ) -> MusicgenForConditionalGeneration:
     """Load a MusicGen model (hub id or ``save_pretrained`` dir) with real attention masks.
 
     Built from the saved ``MusicgenConfig`` (never from sub-model instances), so the decoder gets a real
-    causal mask and padded text is masked (REFERENCES.md pitfall; tests/models check both).
+    causal mask and padded text is masked (REFERENCES.md pitfall; tests/models check both). A directory that
+    does not hold a loadable MusicGen raises :class:`ModelSourceError` naming it.
     """
+    from safetensors import SafetensorError
+
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    model = MusicgenForConditionalGeneration.from_pretrained(
-        str(Path(name_or_path).expanduser()) if looks_like_path(name_or_path) else name_or_path,
-        dtype=torch_dtype or torch.float32,
-    )
-    return model
+    try:
+        return MusicgenForConditionalGeneration.from_pretrained(
+            str(Path(name_or_path).expanduser()) if looks_like_path(name_or_path) else name_or_path,
+            dtype=torch_dtype or torch.float32,
+        )
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+        raise ModelSourceError(
+            f"{name_or_path}: cannot be loaded as a MusicGen model ({type(err).__name__}: {first_line(err)}). "
+            "Expected a `save_pretrained` directory of MusicgenForConditionalGeneration (config.json with "
+            "model_type musicgen + model.safetensors); if it was copied, copy it again"
+        ) from err
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The text tokenizer saved beside a MusicGen model (T5's for the hub models)."""
-    return AutoTokenizer.from_pretrained(
-        str(Path(name_or_path).expanduser()) if looks_like_path(name_or_path) else name_or_path
-    )
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(Path(name_or_path).expanduser()) if looks_like_path(name_or_path) else name_or_path
+        )
+    except Exception as err:  # tokenizers raises a bare Exception (serde's message) for a damaged file
+        files = [
+            n
+            for n in ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+            if (Path(name_or_path) / n).exists()
+        ]
+        raise ModelSourceError(
+            f"{name_or_path}: its tokenizer cannot be loaded ({type(err).__name__}: {first_line(err)}; files: "
+            f"{files or 'none'}). Copy tokenizer.json / tokenizer_config.json again from the model it was saved "
+            "with (`tokenizer.save_pretrained(dir)`)"
+        ) from err
 
 
 def save_musicgen(

@@ -27,17 +27,82 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
-def load_source(source: str, cfg: DictConfig, base: str | None, key: str = "SOURCE") -> tuple[Any, Any, str]:
-    """(fp32 student, tokenizer, description) for a model dir, hub id, ``tiny`` or Lightning checkpoint."""
+CHECKPOINT = "a Lightning checkpoint written by `python -m tinymusician.train` (<run>/checkpoints/last.ckpt)"
+
+
+def read_student_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The ``student.*`` weights of a training checkpoint, read as data: ``torch.load(weights_only=True)``
+    refuses anything that is not tensors and containers, so a crafted pickle never runs."""
+    import pickle
+    import warnings
+
+    from tinymusician.models.musicgen import ModelSourceError, first_line
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "pickle protocol 4": the error below says more
+            data = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        cause = str(err).partition("WeightsUnpickler error:")[2].strip().splitlines() or [first_line(err)]
+        raise ModelSourceError(
+            f"{checkpoint}: not loaded: it is not a TinyMusician checkpoint (a pickle holding more than tensors, or "
+            f"not a PyTorch file at all: {cause[0]}); loading it as a full pickle could run code it carries. "
+            f"Expected {CHECKPOINT}, a save_pretrained directory, a hub id or `tiny`"
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise ModelSourceError(
+            f"{checkpoint}: not a readable PyTorch checkpoint ({first_line(err)}; truncated or damaged?). "
+            f"Expected {CHECKPOINT}"
+        ) from err
+    state = data.get("state_dict") if isinstance(data, dict) else None
+    if not isinstance(state, dict):
+        found = sorted(data)[:6] if isinstance(data, dict) else type(data).__name__
+        raise ModelSourceError(
+            f"{checkpoint}: has no 'state_dict' (found {found}), so it is not a Lightning checkpoint. Expected "
+            f"{CHECKPOINT}; for a save_pretrained directory pass the directory"
+        )
+    prefix = "student."
+    student_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not student_state:
+        prefixes = sorted({str(k).split(".")[0] for k in state})[:6]
+        raise ModelSourceError(
+            f"{checkpoint}: no 'student.*' weights (its state_dict has {prefixes or 'nothing'}); is it a "
+            f"TinyMusician training checkpoint? Expected {CHECKPOINT}"
+        )
+    return student_state
+
+
+def load_source(
+    source: str, cfg: DictConfig, base: str | None, key: str = "SOURCE", *, quantized: bool = False
+) -> tuple[Any, Any, str]:
+    """(fp32 student, tokenizer, description) for a model dir, hub id, ``tiny`` or Lightning checkpoint.
+
+    ``quantized=True`` also accepts a quantized bundle (returned quantized) for callers that only generate.
+    Anything else raises :class:`~tinymusician.models.musicgen.ModelSourceError` naming the path and what
+    was expected, before any weights load when possible.
+    """
     import transformers
 
-    from tinymusician.models.musicgen import check_model_source, load_musicgen, load_tokenizer
+    from tinymusician.models.musicgen import (
+        ModelSourceError,
+        check_model_source,
+        load_musicgen,
+        load_tokenizer,
+    )
     from tinymusician.models.pair import TINY, resolve_sources
 
+    if quantized and source != TINY:
+        from tinymusician.quant.bundle import is_bundle, load_quantized
+
+        if is_bundle(Path(source).expanduser()):
+            directory = str(Path(source).expanduser())
+            return load_quantized(directory), load_tokenizer(directory), f"{source} (quantized bundle)"
     checkpoint = Path(source).expanduser() if source.endswith(".ckpt") else None
+    student_state = None
     if checkpoint is not None:
         if not checkpoint.is_file():
             raise FileNotFoundError(f"{checkpoint}: no such checkpoint")
+        student_state = read_student_state(checkpoint)  # before the architecture: a wrong file fails first
         architecture = base or str(run_dir_of(checkpoint) / "student")
         if base is None and not Path(architecture, "config.json").is_file():
             raise FileNotFoundError(
@@ -58,25 +123,37 @@ def load_source(source: str, cfg: DictConfig, base: str | None, key: str = "SOUR
         tokenizer = load_tokenizer(architecture)
     finally:
         transformers.logging.set_verbosity(verbosity)
-    if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-        prefix = "student."
-        student_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if not student_state:
-            raise ValueError(
-                f"{checkpoint}: no 'student.*' weights; is it a TinyMusician training checkpoint?"
-            )
-        student.load_state_dict(student_state, strict=True)
+    if student_state is not None:
+        try:
+            # A run with checkpoint_frozen=false leaves the frozen T5 / EnCodec out of its checkpoints: they are
+            # the architecture's own, so take them from it; every other weight must match exactly.
+            frozen = ("text_encoder.", "audio_encoder.")
+            if not any(key.startswith(frozen) for key in student_state):
+                kept = {k: v for k, v in student.state_dict().items() if k.startswith(frozen)}
+                student_state = {**kept, **student_state}
+            student.load_state_dict(student_state, strict=True)
+        except RuntimeError as err:
+            details = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+            raise ModelSourceError(
+                f"{checkpoint}: its student weights do not fit the architecture of {architecture} "
+                f"({'; '.join(details)[:300]}). Pass --base with the save_pretrained directory (or hub id) "
+                "the run trained from"
+            ) from err
         return student, tokenizer, f"{checkpoint} (architecture and tokenizer from {architecture})"
     return student, tokenizer, architecture
 
 
 def load_named_model(
-    source: str, base: str | None = None, overrides: list[str] | None = None, key: str = "SOURCE"
+    source: str,
+    base: str | None = None,
+    overrides: list[str] | None = None,
+    key: str = "SOURCE",
+    *,
+    quantized: bool = False,
 ) -> tuple[Any, Any, str]:
     """:func:`load_source` with the default config (what ``tiny`` means comes from ``conf/model``)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
         cfg = compose_config(list(overrides or []), Path(scratch))
-    return load_source(source, cfg, base, key)
+    return load_source(source, cfg, base, key, quantized=quantized)

@@ -12,6 +12,10 @@ reproduce transformers' codes exactly (tests/test_onnx.py).
 Prompts: an empty prompt is an error; prompts longer than ``max_text_tokens`` (manifest, 256 by default) are
 truncated (a warning names them). Lengths: at least ``min_frames`` codec frames (7 at 50 Hz = 0.14 s; the
 codec decoder's first convolution needs them) and at most ``max_frames`` (the position table in the graph).
+
+Loading checks the bundle before any session starts: ``manifest.json`` against ``config.json`` (format version,
+sampling rate, frame limits), every graph file's size, and its sha256 once per file version (remembered in
+``$TINYMUSICIAN_CACHE``/``~/.cache/tinymusician``; ``verify=False`` skips the hash). Errors name the file and key.
 """
 
 from __future__ import annotations
@@ -80,7 +84,42 @@ def sample_next(
     return np.minimum((cumulative < draws).sum(axis=-1), scores.shape[-1] - 1)
 
 
+FORMAT_VERSIONS = (1,)  # manifest.json format_version values this runtime reads
+# manifest.json "model" facts: all integers; these two may be 0 (token ids), the rest must be positive
+MODEL_FACTS = (
+    "num_codebooks",
+    "vocab_size",
+    "pad_token_id",
+    "decoder_start_token_id",
+    "num_layers",
+    "num_heads",
+    "head_dim",
+    "text_hidden_size",
+    "sampling_rate",
+    "frame_rate",
+    "min_frames",
+    "max_frames",
+)
+TOKEN_IDS = ("pad_token_id", "decoder_start_token_id")
+VERIFIED_FILE = "verified-onnx.json"  # in the cache dir: graph files already hashed (see check_files)
+VERIFIED_LIMIT = 512
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(
+            f"{path}: not valid JSON ({err}), so the {what} cannot be read; {REEXPORT}"
+        ) from err
+
+
 def read_manifest(bundle: Path) -> dict[str, Any]:
+    """``manifest.json``, checked for the keys and types the runtime relies on (errors name the key)."""
     path = bundle / "manifest.json"
     if not bundle.is_dir():
         raise BundleError(
@@ -91,24 +130,127 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
             f"{path}: missing, so {bundle} is not a TinyMusician ONNX bundle. Export one with "
             "`python -m tinymusician.export MODEL --out DIR`"
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{path}: not valid JSON ({err}); {REEXPORT}") from err
-    if manifest.get("format") != "tinymusician-onnx":
-        raise BundleError(f"{path}: format {manifest.get('format')!r} is not 'tinymusician-onnx'; {REEXPORT}")
+    manifest = read_json(path, "bundle description")
+    if not isinstance(manifest, dict) or manifest.get("format") != "tinymusician-onnx":
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{path}: format {found!r} is not 'tinymusician-onnx'; {REEXPORT}")
     missing = [key for key in ("files", "model", "precisions") if key not in manifest]
     if missing:
         raise BundleError(f"{path}: keys {missing} are missing (edited by hand?); {REEXPORT}")
+    check_manifest(path, manifest)
     return manifest
 
 
-def check_files(
-    bundle: Path, manifest: Mapping[str, Any], wanted: Sequence[str], verify_hashes: bool
-) -> None:
-    """Every wanted graph file exists with the size (and, if asked, the hash) the manifest recorded."""
+def check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Types and ranges of what generation reads from ``manifest.json`` (a hand edit fails here, not in ORT)."""
+    fix = f"restore the exported manifest.json or {REEXPORT}"
+    version = manifest.get("format_version", 1)  # bundles are version 1 since the first export
+    if version not in FORMAT_VERSIONS or not is_int(version):
+        raise BundleError(
+            f"{path}: format_version={version!r} is not supported; this tinymusician reads format_version "
+            f"{list(FORMAT_VERSIONS)}. Use the tinymusician version that wrote the bundle, or {REEXPORT}"
+        )
+    precisions = manifest["precisions"]
+    if not isinstance(precisions, list) or not precisions or any(p not in SUFFIXES for p in precisions):
+        raise BundleError(f"{path}: precisions={precisions!r}: a non-empty list of {list(SUFFIXES)}; {fix}")
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise BundleError(f"{path}: files must map graph files to their bytes and sha256; {fix}")
+    for relative, entry in files.items():
+        ok = isinstance(entry, dict) and is_int(entry.get("bytes")) and isinstance(entry.get("sha256"), str)
+        if not ok:
+            raise BundleError(
+                f"{path}: files[{relative!r}] needs integer 'bytes' and a 'sha256' string; {fix}"
+            )
+    facts = manifest["model"]
+    if not isinstance(facts, dict):
+        raise BundleError(f"{path}: model must be an object of integers {list(MODEL_FACTS)}; {fix}")
+    for key in MODEL_FACTS:
+        value = facts.get(key)
+        low = 0 if key in TOKEN_IDS else 1
+        if not is_int(value) or value < low:
+            raise BundleError(
+                f"{path}: model.{key}={value!r}: must be an integer >= {low} (a JSON number, not a string); {fix}"
+            )
+    if facts["min_frames"] > facts["max_frames"]:
+        raise BundleError(
+            f"{path}: model.min_frames={facts['min_frames']} > model.max_frames={facts['max_frames']}; {fix}"
+        )
+    limit = manifest.get("max_text_tokens", 256)
+    if not is_int(limit) or limit < 1:
+        raise BundleError(f"{path}: max_text_tokens={limit!r}: must be a positive integer; {fix}")
+
+
+# --- integrity: sizes always, sha256 once per file (remembered in the cache dir) ---------------------------
+def cache_dir() -> Path:
+    """Where the runtime remembers verified files: ``$TINYMUSICIAN_CACHE`` or ``~/.cache/tinymusician``
+    (the same directory as the tiny models and token caches, conf/paths)."""
+    return Path(os.environ.get("TINYMUSICIAN_CACHE") or Path.home() / ".cache" / "tinymusician").expanduser()
+
+
+def file_sha256(path: Path) -> str:
     import hashlib
 
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_identity(path: Path) -> dict[str, int]:
+    """What changes when the file's bytes may have: ctime cannot be set back by hand, inode catches a copy."""
+    stat = path.stat()
+    return {
+        "bytes": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+        "ino": stat.st_ino,
+    }
+
+
+def read_verified() -> dict[str, Any]:
+    path = cache_dir() / VERIFIED_FILE
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent or damaged: it is only a cache, start again
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def write_verified(entries: dict[str, Any]) -> None:
+    """Atomic replace; an unwritable cache only costs a re-hash on the next load."""
+    directory = cache_dir()
+    kept = dict(list(((k, v) for k, v in entries.items() if Path(k).exists()))[-VERIFIED_LIMIT:])
+    scratch = directory / f".{VERIFIED_FILE}.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        scratch.write_text(json.dumps(kept, indent=1))
+        os.replace(scratch, directory / VERIFIED_FILE)
+    except OSError as err:
+        log.debug(
+            "cannot remember verified files in %s (%s); they are hashed again next time", directory, err
+        )
+
+
+def check_files(
+    bundle: Path,
+    manifest: Mapping[str, Any],
+    wanted: Sequence[str],
+    verify: bool = True,
+    *,
+    rehash: bool = False,
+) -> None:
+    """Every wanted graph file exists with the size and sha256 that ``manifest.json`` recorded.
+
+    Sizes are checked on every load. ``verify``: also the sha256, once per file version: a verified file's
+    (path, size, mtime, ctime, inode) is remembered in ``<cache dir>/verified-onnx.json`` and not hashed again
+    while they stay the same (hashing MusicGen-Small's 400 MB int8 decoder costs about 1 s here, a later load
+    about 0.1 ms). ``rehash`` ignores what was remembered. ``verify=False`` (``--no-verify``) checks sizes
+    only: for bundles on read-only media checked otherwise, or to save that second on the first load.
+    """
+    remembered = read_verified() if verify else {}
+    changed = False
     for relative in wanted:
         entry = manifest["files"].get(relative)
         path = bundle / relative
@@ -125,10 +267,27 @@ def check_files(
                 f"{path}: {path.stat().st_size} bytes, but manifest.json says {entry['bytes']}: the file was "
                 f"replaced or truncated; {REEXPORT}"
             )
-        if verify_hashes:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            if digest != entry["sha256"]:
-                raise BundleError(f"{path}: sha256 differs from manifest.json; {REEXPORT}")
+        if not verify:
+            continue
+        key = str(path.resolve())
+        identity = {**file_identity(path), "sha256": entry["sha256"]}
+        if not rehash and remembered.get(key) == identity:
+            continue
+        started = time.perf_counter()
+        if file_sha256(path) != entry["sha256"]:
+            stale = remembered.pop(key, None) is not None
+            if changed or stale:
+                write_verified(remembered)
+            raise BundleError(
+                f"{path}: sha256 differs from manifest.json, so its contents changed after export (a damaged "
+                f"copy or download); {REEXPORT} or copy the file again"
+            )
+        log.debug("verified %s in %.0f ms", path, 1000 * (time.perf_counter() - started))
+        remembered.pop(key, None)  # re-insert at the end: the most recently verified are kept
+        remembered[key] = identity
+        changed = True
+    if changed:
+        write_verified(remembered)
     for name in ("config.json", "tokenizer.json"):
         if not (bundle / name).is_file():
             raise BundleError(f"{bundle / name}: missing; {REEXPORT}")
@@ -155,6 +314,9 @@ class TinyMusicianONNX:
 
     ``precision``: ``"fp32"``, ``"int8"``, ``"int4"`` (text encoder and decoder; the codec decoder is fp32) or a
     per-graph map; default fp32 if the bundle has it, else its first exported precision.
+    ``verify`` (default on): each graph file's sha256 must match ``manifest.json``; a file is hashed once and
+    remembered in the cache dir while it is unchanged (:func:`check_files`). ``verify=False`` checks sizes only;
+    ``verify_hashes=True`` re-hashes even files verified before.
     """
 
     def __init__(
@@ -163,6 +325,7 @@ class TinyMusicianONNX:
         *,
         precision: str | Mapping[str, str] | None = None,
         threads: int | None = None,
+        verify: bool = True,
         verify_hashes: bool = False,
     ) -> None:
         import onnxruntime as ort
@@ -174,7 +337,9 @@ class TinyMusicianONNX:
         exported = self.manifest["precisions"]
         self.precisions = resolve_precisions(precision or ("fp32" if "fp32" in exported else exported[0]))
         files = {g: f"onnx/{g}{SUFFIXES[p]}.onnx" for g, p in self.precisions.items()}
-        check_files(self.bundle, self.manifest, list(files.values()), verify_hashes)
+        check_files(
+            self.bundle, self.manifest, list(files.values()), verify or verify_hashes, rehash=verify_hashes
+        )
         self.check_config()
 
         options = ort.SessionOptions()
@@ -191,7 +356,14 @@ class TinyMusicianONNX:
                     f"{self.bundle / relative}: ONNX Runtime cannot load it ({err}); {REEXPORT}"
                 ) from err
         self.check_graphs()
-        self.tokenizer = Tokenizer.from_file(str(self.bundle / "tokenizer.json"))
+        path = self.bundle / "tokenizer.json"
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception carrying serde's message
+            raise BundleError(
+                f"{path}: not a valid tokenizers file ({err}); copy it again from the model the bundle was "
+                f"exported from (its save_pretrained directory has the same tokenizer.json), or {REEXPORT}"
+            ) from err
         self.tokenizer.no_padding()  # padding and truncation are done here, the same for every prompt
         self.tokenizer.no_truncation()
         self.pad_text_id = self.tokenizer.token_to_id(self._tokenizer_pad()) or 0
@@ -199,14 +371,55 @@ class TinyMusicianONNX:
 
     # --- validation ---------------------------------------------------------------------------------------
     def check_config(self) -> None:
-        config = json.loads((self.bundle / "config.json").read_text())
-        decoder = config.get("decoder", {})
-        for key, fact in (("num_codebooks", "num_codebooks"), ("num_hidden_layers", "num_layers")):
-            if decoder.get(key) != self.facts[fact]:
+        """``config.json`` and ``manifest.json`` describe the same model (a hand edit of either fails here)."""
+        path = self.bundle / "config.json"
+        config = read_json(path, "model configuration")
+        decoder = config.get("decoder", {}) if isinstance(config, dict) else {}
+        codec = config.get("audio_encoder", {}) if isinstance(config, dict) else {}
+        facts, manifest = self.facts, self.bundle / "manifest.json"
+        for key, fact in (
+            ("num_codebooks", "num_codebooks"),
+            ("num_hidden_layers", "num_layers"),
+            ("num_attention_heads", "num_heads"),
+            ("vocab_size", "vocab_size"),
+        ):
+            if decoder.get(key) != facts[fact]:
                 raise BundleError(
-                    f"{self.bundle / 'config.json'}: decoder.{key}={decoder.get(key)} but the exported graphs "
-                    f"have {self.facts[fact]} (manifest.json): config and graphs come from different models"
+                    f"{path}: decoder.{key}={decoder.get(key)} but the exported graphs have {facts[fact]} "
+                    f"({manifest}: model.{fact}): config and graphs come from different models; {REEXPORT}"
                 )
+        fix = f"restore the exported {manifest.name} (or config.json), or {REEXPORT}"
+        rate = codec.get("sampling_rate")
+        if rate != facts["sampling_rate"]:
+            raise BundleError(
+                f"{manifest}: model.sampling_rate={facts['sampling_rate']} but {path} says the codec decodes "
+                f"at audio_encoder.sampling_rate={rate}: WAVs would play at the wrong speed; {fix}"
+            )
+        ratios = codec.get("upsampling_ratios")
+        if ratios and is_int(rate):
+            hop = int(np.prod(ratios))
+            if facts["frame_rate"] != -(-rate // hop):
+                raise BundleError(
+                    f"{manifest}: model.frame_rate={facts['frame_rate']} but the codec in {path} makes "
+                    f"{-(-rate // hop)} frames/s ({rate} Hz / hop {hop}); {fix}"
+                )
+        positions = decoder.get("max_position_embeddings")
+        if is_int(positions):
+            most = positions - facts["num_codebooks"] + 1  # the delayed sequence must fit the position table
+            if facts["max_frames"] > most:
+                raise BundleError(
+                    f"{manifest}: model.max_frames={facts['max_frames']}, but the decoder's position table "
+                    f"({path}: decoder.max_position_embeddings={positions}) holds at most {most} frames "
+                    f"with {facts['num_codebooks']} codebooks; {fix}"
+                )
+        kernel = codec.get("kernel_size")
+        least = max(facts["num_codebooks"], kernel if is_int(kernel) else 0)
+        if facts["min_frames"] < least:
+            raise BundleError(
+                f"{manifest}: model.min_frames={facts['min_frames']}, but the delay pattern and the codec "
+                f"decoder's first convolution ({path}: audio_encoder.kernel_size={kernel}) need at least "
+                f"{least}; {fix}"
+            )
 
     def check_graphs(self) -> None:
         decoder = self.sessions["decoder_model_merged"]
@@ -226,8 +439,8 @@ class TinyMusicianONNX:
 
     def _tokenizer_pad(self) -> str:
         path = self.bundle / "tokenizer_config.json"
-        config = json.loads(path.read_text()) if path.is_file() else {}
-        pad = config.get("pad_token", "<pad>")
+        config = read_json(path, "tokenizer configuration") if path.is_file() else {}
+        pad = config.get("pad_token", "<pad>") if isinstance(config, dict) else "<pad>"
         return pad["content"] if isinstance(pad, dict) else pad
 
     # --- facts --------------------------------------------------------------------------------------------

@@ -72,16 +72,46 @@ def save_quantized(
     return directory
 
 
+REQUANTIZE = "quantize the student again: `python -m tinymusician.quantize STUDENT quant=... --out DIR`"
+
+
 def read_plan(directory: str | Path) -> PrecisionPlan:
     path = Path(directory) / PLAN_FILE
     if not path.is_file():
         raise BundleError(
             f"{directory}: no {PLAN_FILE}, so not a quantized bundle (write one with save_quantized)"
         )
-    meta = json.loads(path.read_text())
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{path}: bundle format {meta.get('format')!r}, this version reads {BUNDLE_FORMAT}")
-    return PrecisionPlan.from_dict(meta["plan"])
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{path}: not valid JSON ({err}); {REQUANTIZE}") from err
+    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise BundleError(
+            f"{path}: bundle format {found!r}, this version reads {BUNDLE_FORMAT}; {REQUANTIZE}"
+        )
+    try:
+        return PrecisionPlan.from_dict(meta["plan"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"{path}: 'plan' is not a precision plan ({err}); {REQUANTIZE}") from err
+
+
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    """The bundle's state dict, as data only (``weights_only=True``: a crafted pickle is refused, not run)."""
+    import pickle
+
+    if not path.is_file():
+        raise BundleError(f"{path}: missing, so the bundle has no weights; {REQUANTIZE}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        cause = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise BundleError(
+            f"{path}: not a state dict of tensors written by save_quantized ({cause[:200]}); {REQUANTIZE}"
+        ) from err
+    if not isinstance(state, dict):
+        raise BundleError(f"{path}: holds a {type(state).__name__}, not a state dict; {REQUANTIZE}")
+    return state
 
 
 def load_quantized(directory: str | Path) -> MusicgenForConditionalGeneration:
@@ -93,15 +123,27 @@ def load_quantized(directory: str | Path) -> MusicgenForConditionalGeneration:
 
     directory = Path(directory)
     plan = read_plan(directory)
-    config = MusicgenConfig.from_pretrained(directory)
+    try:
+        config = MusicgenConfig.from_pretrained(directory)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise BundleError(
+            f"{directory / 'config.json'}: not a MusicGen config ({err}); {REQUANTIZE}"
+        ) from err
     with no_init_weights():  # every weight comes from the state dict; skip the random init
         model = MusicgenForConditionalGeneration(config)
     with torch.no_grad():
         for param in model.parameters():  # uninitialised memory may hold NaN, which int8 observers reject
             param.zero_()
     apply_plan(model, plan)
+    state = read_state(directory / STATE_FILE)
     with quiet_torch_ao():
-        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            details = "; ".join(line.strip() for line in str(err).splitlines()[1:] if line.strip())
+            raise BundleError(
+                f"{directory / STATE_FILE}: does not fit {directory / 'config.json'} and {PLAN_FILE} "
+                f"({details[:300]}); {REQUANTIZE}"
+            ) from err
     model.generation_config = GenerationConfig.from_pretrained(directory)
     return model.eval()
