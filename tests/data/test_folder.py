@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from tests.conftest import FAST_OVERRIDES, compose_train_cfg
 from tinymusician.data.audio import AUDIO_EXTENSIONS, BadSampleError
-from tinymusician.data.datamodule import EmptySplitError, hash_split
+from tinymusician.data.datamodule import EmptySplitError, hash_split, skipped_by_reason
 from tinymusician.data.folder import FolderDataModule
 from tinymusician.train import ConfigError, check_config, train
 
@@ -125,12 +126,60 @@ def test_listing_reads_nested_metadata_splits_and_rejects_bad_rows(tmp_path):
         assert ids[clip_id].split == hash_split(clip_id, 0.5)
     reasons = {bad["id"]: bad["reason"] for bad in listing.bad}
     assert reasons["d.wav"].startswith("missing caption")
-    assert reasons["a.wav"].startswith("duplicate: already listed at metadata.jsonl:1")
+    # the duplicate is reported as the dropped row (line 5), not as a.wav, which is kept and usable
+    assert (
+        reasons["metadata.jsonl:5"]
+        == "duplicate: a.wav is already listed at metadata.jsonl:1 (that row is kept)"
+    )
+    assert "a.wav" not in reasons
     assert reasons["gone.wav"] == "file is listed but absent"
-    assert reasons["e.wav"].startswith("unknown split 'holdout'")
+    assert reasons["e.wav"] == "unknown split: 'holdout' (use train, validation or test)"
     assert reasons["metadata.jsonl:8"].startswith("malformed metadata line")
     assert reasons["stray.wav"] == "missing caption: not listed in any metadata file"
     assert listing.held_out == 1 and "c.wav" not in reasons
+
+
+def test_a_malformed_first_line_is_skipped_not_fatal(tmp_path):
+    good_folder(tmp_path, count=3, seconds=0.3)
+    metadata = tmp_path / "metadata.jsonl"
+    metadata.write_text("{not json\n" + metadata.read_text())  # was: "has no such column (it has [])"
+    listing = FolderDataModule(root=str(tmp_path), cache_dir=str(tmp_path / "c")).listing
+    assert len(listing.clips) == 3
+    assert listing.bad == [{"id": "metadata.jsonl:1", "reason": listing.bad[0]["reason"]}]
+    assert listing.bad[0]["reason"].startswith("malformed metadata line")
+
+
+@pytest.mark.parametrize(
+    "text,detail",
+    [
+        ("", ""),
+        ("\n  \n", ""),
+        ('{broken\n[1, 2]\n"text"\n', " (3 malformed lines, the first at line 1)"),
+    ],
+)
+def test_metadata_without_valid_rows_names_the_file(tmp_path, text, detail):
+    (tmp_path / "metadata.jsonl").write_text(text)
+    with pytest.raises(
+        ValueError, match=re.escape(f"{tmp_path / 'metadata.jsonl'} has no valid rows{detail}; ")
+    ):
+        FolderDataModule(root=str(tmp_path))
+
+
+def test_columns_come_from_the_valid_lines_and_the_csv_header(tmp_path):
+    (tmp_path / "metadata.jsonl").write_text('{oops\n{"file_name": "a.wav", "caption": "x"}\n')
+    with pytest.raises(
+        ValueError,
+        match=r"data.caption_column='text': .* has no such column \(it has \['file_name', 'caption'\]\)",
+    ):
+        FolderDataModule(root=str(tmp_path))
+    assert FolderDataModule(root=str(tmp_path), caption_column="caption").caption_column == "caption"
+    (tmp_path / "metadata.jsonl").unlink()
+    (tmp_path / "metadata.csv").write_text("file_name,text\n")
+    with pytest.raises(ValueError, match="metadata.csv has no valid rows"):
+        FolderDataModule(root=str(tmp_path))
+    (tmp_path / "metadata.csv").write_bytes(b"file_name,text\na.wav,caf\xe9\n")
+    with pytest.raises(ValueError, match="metadata.csv is not UTF-8 text .*save it as UTF-8"):
+        FolderDataModule(root=str(tmp_path))
 
 
 def test_hash_split_is_stable_and_close_to_the_fraction(tmp_path):
@@ -177,7 +226,7 @@ EXPECTED_REASONS = {
     "short.wav": "too short",
     "nan.wav": "NaN/inf samples",
     "silent.wav": "silent",
-    "tone0.wav": "duplicate",
+    "metadata.jsonl:10": "duplicate: tone0.wav is already listed at metadata.jsonl:1",
     "missing.ogg": "file is listed but absent",
     "uncaptioned.wav": "missing caption",
 }
@@ -195,6 +244,20 @@ def test_bad_files_are_skipped_counted_and_reported(tmp_path, student, tokenizer
     for bad in report["bad"]:
         assert EXPECTED_REASONS[bad["id"]] in bad["reason"]
     assert json.loads((Path(report["cache_dir"]) / "report.json").read_text())["bad"] == report["bad"]
+    # the kind of each reason is the key; counts and values stay out of it (they are in "bad")
+    assert report["skipped_by_reason"] == {
+        kind: 1
+        for kind in (
+            "cannot decode",
+            "empty file",
+            "too short",
+            "non-finite samples",
+            "silent",
+            "duplicate",
+            "file is listed but absent",
+            "missing caption",
+        )
+    }
     assert "skipped 8 of 12" in out and "corrupt.wav: cannot decode" in out
     assert "Usable clips (FolderDataModule): train" in out
     assert sum(len(s) for s in data.splits.values()) == 4
@@ -299,3 +362,19 @@ def test_training_runs_on_a_folder_dataset(tmp_path, tiny_pair, capsys):
     assert out.index("Usable clips (FolderDataModule)") < out.index("finished: 4 steps")
     assert objects["summary"]["steps"] == 4
     assert np.isfinite(metrics["val/ce"]) and np.isfinite(metrics["train/loss"])
+
+
+def test_reason_kinds_keep_values_and_counts_out_of_the_key():
+    bad = [
+        {"reason": "non-finite samples: 100 NaN/inf samples"},
+        {"reason": "contains 7 NaN/inf samples"},  # as caches written before issue 11 say it
+        {"reason": "unknown split: 'holdout' (use train, validation or test)"},
+        {"reason": "duplicate: a.wav is already listed at metadata.jsonl:1 (that row is kept)"},
+        {"reason": "too short: 0.200 s < 0.500 s (data.min_seconds)"},
+    ]
+    assert skipped_by_reason(bad) == {
+        "non-finite samples": 2,
+        "unknown split": 1,
+        "duplicate": 1,
+        "too short": 1,
+    }

@@ -78,7 +78,12 @@ def test_rows_are_matched_by_common_file_names_and_split_by_the_eval_column(tmp_
     assert reasons["2unse6chkMU"].startswith("no audio file") and reasons["3vQ5eqUx1ns"].startswith(
         "no audio file"
     )
-    assert reasons["4acE2kc4zWk"] == "missing caption" and reasons["-0Gj8-vB1q4"].startswith("duplicate")
+    assert reasons["4acE2kc4zWk"] == "missing caption"
+    # the dropped duplicate row is reported, not the kept (and usable) -0Gj8-vB1q4
+    assert "-0Gj8-vB1q4" not in reasons
+    assert reasons["musiccaps-public.csv:row 8"] == (
+        "duplicate: ytid -0Gj8-vB1q4 is already listed at row 1 (that row is kept)"
+    )
     assert "MusicCaps: 8 rows, 4 matched to audio in" in capsys.readouterr().out
     assert listing.notes[0].endswith("2 without an audio file")
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,19 @@ from tinymusician.data.datamodule import CodesDataModule
 from tinymusician.data.prepare import main
 
 MODEL = [f"model.tiny.{key}={value}" for key, value in FAST_TINY.items()]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_prepare(*argv: str) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it; the tiny pair comes from the session's TINYMUSICIAN_CACHE."""
+    return subprocess.run(
+        [sys.executable, "-m", "tinymusician.data.prepare", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
 
 
 class Interrupted(Exception):
@@ -136,3 +152,71 @@ def test_empty_split_exits_with_a_clear_error(tmp_path, tiny_pair, capsys):
         (root / name).write_bytes(b"")
     assert main(args(root, tmp_path / "cache")) == 1
     assert "the 'val' split has no usable clips" in capsys.readouterr().err
+
+
+# Damaged caches (issue 11, D9) ---------------------------------------------------------------------------
+
+
+def without_repairs(contents: dict[str, object]) -> dict[str, object]:
+    report = dict(contents["report.json"])
+    report.pop("repaired")
+    return {**contents, "report.json": report}
+
+
+def test_truncated_shard_is_reported_and_reencoded_alone(tmp_path, tiny_pair):
+    root = music_folder(tmp_path / "music")
+    assert main(args(root, tmp_path / "cache")) == 0
+    reference = without_repairs(cache_contents(tmp_path / "cache"))
+    (cache,) = (tmp_path / "cache" / "tokens").iterdir()
+    damaged = next(cache.glob("train-00001-*.safetensors"))
+    damaged.write_bytes(damaged.read_bytes()[:-7])  # was: prepare OK, training SafetensorError
+    kept = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors") if p != damaged}
+    result = run_prepare(*args(root, tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert f"token cache shard {damaged} is damaged (truncated" in result.stderr  # the warning
+    assert "repaired 1 damaged cache file(s):" in result.stdout  # and the report, not a plain OK
+    assert f"{damaged.name}: truncated: its header describes" in result.stdout
+    assert "-> re-encoded 2 clips" in result.stdout
+    assert {name: (cache / name).stat().st_mtime_ns for name in kept} == kept  # nothing else re-made
+    assert without_repairs(cache_contents(tmp_path / "cache")) == reference
+    assert [r["file"] for r in json.loads((cache / "report.json").read_text())["repaired"]] == [damaged.name]
+
+
+def test_corrupt_report_is_rebuilt_from_the_shards(tmp_path, tiny_pair):
+    root = music_folder(tmp_path / "music")
+    assert main(args(root, tmp_path / "cache")) == 0
+    reference = without_repairs(cache_contents(tmp_path / "cache"))
+    (cache,) = (tmp_path / "cache" / "tokens").iterdir()
+    (cache / "report.json").write_text("")  # was: JSONDecodeError "Expecting value"
+    shards = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    result = run_prepare(*args(root, tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert f"token cache file {cache / 'report.json'}: not valid JSON (Expecting value" in result.stderr
+    assert "report.json: not valid JSON" in result.stdout and "-> rebuilt from the shards" in result.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == shards  # none encoded
+    assert without_repairs(cache_contents(tmp_path / "cache")) == reference
+
+
+# Malformed metadata (issue 11, D10) ----------------------------------------------------------------------
+
+
+def test_bad_first_metadata_line_is_skipped_and_counted(tmp_path, tiny_pair):
+    root = music_folder(tmp_path / "music")
+    metadata = root / "metadata.jsonl"
+    metadata.write_text('{"file_name": "clip0.wav", "text": \n' + metadata.read_text())
+    result = run_prepare(*args(root, tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr  # was: "has no such column (it has [])"
+    assert "usable: train 6 clips" in result.stdout
+    assert "skipped 1 of 9: malformed metadata line 1" in result.stdout
+    assert "metadata.jsonl:1: malformed metadata line (Expecting value)" in result.stdout
+    (report,) = (tmp_path / "cache").rglob("report.json")
+    assert json.loads(report.read_text())["skipped_by_reason"] == {"malformed metadata line": 1}
+
+
+def test_empty_metadata_file_is_a_clear_error(tmp_path):
+    root = music_folder(tmp_path / "music", count=1)
+    (root / "metadata.jsonl").write_text("")
+    result = run_prepare("data=folder", f"data.root={root}", "--no-progress")
+    assert result.returncode == 1
+    assert f"{root / 'metadata.jsonl'} has no valid rows" in result.stderr
+    assert "Traceback" not in result.stderr and "has no such column" not in result.stderr

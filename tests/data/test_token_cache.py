@@ -1,15 +1,20 @@
-"""The sharded token cache: storage round trip, keys, and the synthetic default going through shards."""
+"""The sharded token cache: storage round trip, keys, the synthetic default going through shards, repairs."""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
+from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import save_file
 
 from tinymusician.data import datamodule as datamodule_module
 from tinymusician.data.datamodule import SegmentDataset, SyntheticDataModule, encode_audio
 from tinymusician.data.synthetic import synthesize_corpus
-from tinymusician.data.token_cache import ShardedTokenCache, TokenSplit
+from tinymusician.data.token_cache import CorruptCacheError, ShardedTokenCache, TokenSplit, shard_problem
 from tinymusician.models.musicgen import codec_encode, load_musicgen
 
 
@@ -144,3 +149,175 @@ def test_segments_fixed_random_and_padding():
     assert random[3]["codes"][0, :7].tolist() == list(range(100, 107))  # shorter than a segment: from 0
     whole = SegmentDataset(split)
     assert len(whole) == 2 and whole[1]["codes"].shape == (2, 25) and whole[1]["length"] == 7
+
+
+# Damaged caches (issue 11, D9): found when opened, named, and only the damaged file is made again -------
+
+
+def written_shard(tmp_path):
+    cache = ShardedTokenCache(tmp_path, "Test", {"data": {"a": 1}})
+    path = cache.shard_path("train", 0, ragged_split().ids)
+    cache.write_shard(path, ragged_split())
+    return cache, path
+
+
+def test_shard_problem_finds_truncated_padded_and_foreign_files(tmp_path):
+    cache, path = written_shard(tmp_path)
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    assert shard_problem(path) is None and shard_problem(path, len(data)) is None
+    assert shard_problem(path, len(data) + 10) == (
+        f"{len(data)} bytes but {len(data) + 10} when written (overwritten)"
+    )
+    assert shard_problem(tmp_path / "absent.safetensors") == "missing"
+    for cut in (0, 5, 20, header_end - 3, header_end + 4, len(data) - 1):
+        path.write_bytes(data[:cut])
+        assert shard_problem(path).startswith("truncated"), cut
+    path.write_bytes(data + b"\0\0")
+    assert shard_problem(path).startswith("truncated: its header describes")
+    path.write_bytes(b"\x10" + b"\0" * 7 + b"0123456789abcdef")
+    assert shard_problem(path) == "not a safetensors file (its header is not JSON)"
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(3)}, str(other))
+    assert shard_problem(other) == "not a token shard (no frames, offsets, captions, ids, bad)"
+
+
+def test_reading_a_damaged_shard_names_it_and_the_fix(tmp_path):
+    cache, path = written_shard(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # was: SafetensorError "invalid header length" / "incomplete"
+    with pytest.raises(CorruptCacheError, match=f"{path}: truncated.*tinymusician.data.prepare"):
+        ShardedTokenCache.read_shard(path)
+    # header intact, data bytes overwritten: caught by the offsets check, not left to fail mid-epoch
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    start, end = header["offsets"]["data_offsets"]
+    base = 8 + int.from_bytes(data[:8], "little")
+    path.write_bytes(data[: base + start] + b"\xff" * (end - start) + data[base + end :])
+    assert shard_problem(path) is None
+    with pytest.raises(CorruptCacheError, match="damaged content"):
+        ShardedTokenCache.read_shard(path)
+
+
+@pytest.mark.parametrize(
+    "text,problem",
+    [
+        ('{"key": "abc", "splits": {', "not valid JSON (Expecting"),
+        ("", "not valid JSON (Expecting value"),
+        ("[1, 2]", "not a token-cache report"),
+    ],
+)
+def test_a_corrupt_report_is_named_with_the_fix(tmp_path, text, problem):
+    cache = ShardedTokenCache(tmp_path, "Test", {"data": {"a": 1}})
+    cache.root.mkdir(parents=True)
+    cache.report_path.write_text(text)
+    with pytest.raises(CorruptCacheError, match=f"{cache.report_path}: {re.escape(problem)}.*rebuilt"):
+        cache.read_report()
+
+
+def prepared(tmp_path, student, tokenizer) -> tuple[SyntheticDataModule, dict[str, float]]:
+    """A complete synthetic cache (3 train + 2 val shards) and each shard file's mtime."""
+    data = synthetic(tmp_path)
+    data.attach(student, tokenizer)
+    data.setup()
+    return data, {p.name: p.stat().st_mtime_ns for p in Path(data.report["cache_dir"]).glob("*.safetensors")}
+
+
+def record_encoding(monkeypatch) -> list[list[str]]:
+    calls: list[list[str]] = []
+    original = SyntheticDataModule.encode_shard
+
+    def encode_shard(self, model, split, clips, progress):
+        calls.append([clip.id for clip in clips])
+        return original(self, model, split, clips, progress)
+
+    monkeypatch.setattr(SyntheticDataModule, "encode_shard", encode_shard)
+    return calls
+
+
+def test_truncated_shard_is_reencoded_alone_when_training_opens_the_cache(
+    tmp_path, student, tokenizer, monkeypatch, caplog
+):
+    first, mtimes = prepared(tmp_path, student, tokenizer)
+    damaged = Path(first.report["cache_dir"]) / first.report["splits"]["train"]["shards"][1]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    calls = record_encoding(monkeypatch)
+    again = synthetic(tmp_path)
+    again.attach(student, tokenizer)
+    with caplog.at_level(logging.WARNING, logger="tinymusician.data.datamodule"):
+        again.setup()  # was: SafetensorError: invalid header length
+    assert calls == [["000002", "000003"]]  # only the damaged shard's clips
+    assert f"token cache shard {damaged} is damaged (truncated" in caplog.text
+    assert [r["file"] for r in again.report["repaired"]] == [damaged.name]
+    assert again.report["repaired"][0]["action"] == "re-encoded 2 clips"
+    for name, mtime in mtimes.items():  # every other shard is kept as it was
+        assert (Path(again.report["cache_dir"]) / name).stat().st_mtime_ns == mtime or name == damaged.name
+    for split in ("train", "val"):
+        torch.testing.assert_close(again.splits[split].frames, first.splits[split].frames)
+    # the repaired cache is complete again: the next run reads it without encoding or repairing
+    calls.clear()
+    third = synthetic(tmp_path)
+    third.attach(student, tokenizer)
+    third.setup()
+    assert calls == [] and third.report["repaired"] == []
+
+
+def test_overwritten_shard_content_is_reencoded_when_read(tmp_path, student, tokenizer, monkeypatch):
+    first, _ = prepared(tmp_path, student, tokenizer)
+    damaged = Path(first.report["cache_dir"]) / first.report["splits"]["val"]["shards"][0]
+    data = damaged.read_bytes()
+    base = 8 + int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8:base])["offsets"]["data_offsets"]
+    damaged.write_bytes(data[: base + start] + b"\xff" * (end - start) + data[base + end :])  # same size
+    calls = record_encoding(monkeypatch)
+    again = synthetic(tmp_path)
+    again.attach(student, tokenizer)
+    again.setup()
+    assert calls == [["000005", "000006"]]
+    assert again.report["repaired"][0]["problem"] == "damaged content (clip offsets or codes out of range)"
+    torch.testing.assert_close(again.splits["val"].frames, first.splits["val"].frames)
+
+
+def test_corrupt_report_is_rebuilt_from_the_shards_without_encoding(
+    tmp_path, student, tokenizer, monkeypatch
+):
+    first, mtimes = prepared(tmp_path, student, tokenizer)
+    report_path = Path(first.report["cache_dir"]) / "report.json"
+    written = json.loads(report_path.read_text())
+    report_path.write_text(report_path.read_text()[:50])  # was: JSONDecodeError "Expecting value"
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the codec ran although every shard is sound")
+
+    monkeypatch.setattr(datamodule_module, "encode_audio", no_encoding)
+    again = synthetic(tmp_path)
+    again.attach(student, tokenizer)
+    again.setup()
+    assert again.report["repaired"] == [
+        {
+            "file": "report.json",
+            "problem": again.report["repaired"][0]["problem"],
+            "action": "rebuilt from the shards",
+        }
+    ]
+    assert again.report["repaired"][0]["problem"].startswith("not valid JSON")
+    rebuilt = json.loads(report_path.read_text())
+    assert {k: v for k, v in rebuilt.items() if k != "repaired"} == {
+        k: v for k, v in written.items() if k != "repaired"
+    }
+    assert {p.name: p.stat().st_mtime_ns for p in report_path.parent.glob("*.safetensors")} == mtimes
+
+
+def test_damaged_shard_of_an_unfinished_cache_is_reencoded_on_resume(
+    tmp_path, student, tokenizer, monkeypatch
+):
+    first, _ = prepared(tmp_path, student, tokenizer)
+    root = Path(first.report["cache_dir"])
+    (root / "report.json").unlink()  # as if interrupted before the end
+    damaged = root / first.report["splits"]["train"]["shards"][0]
+    damaged.write_bytes(b"")
+    calls = record_encoding(monkeypatch)
+    again = synthetic(tmp_path)
+    again.attach(student, tokenizer)
+    again.setup()
+    assert calls == [["000000", "000001"]]
+    assert again.report["repaired"][0]["problem"] == "truncated: 0 bytes, shorter than a safetensors header"

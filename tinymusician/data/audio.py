@@ -105,7 +105,7 @@ def load_audio(
         raise BadSampleError(name, "no audio frames")
     if not np.isfinite(audio).all():
         bad = int((~np.isfinite(audio)).sum())
-        raise BadSampleError(name, f"contains {bad} NaN/inf samples")
+        raise BadSampleError(name, f"non-finite samples: {bad} NaN/inf samples")
     mono = resample(to_mono(audio), int(source_rate), sample_rate)
     if len(mono) < min_samples:
         raise BadSampleError(

@@ -25,7 +25,13 @@ from transformers import MusicgenForConditionalGeneration, PreTrainedTokenizerBa
 
 from tinymusician.data.audio import BadSampleError, load_audio
 from tinymusician.data.synthetic import synthesize_clip
-from tinymusician.data.token_cache import ShardedTokenCache, TokenSplit, codec_fingerprint
+from tinymusician.data.token_cache import (
+    CorruptCacheError,
+    ShardedTokenCache,
+    TokenSplit,
+    codec_fingerprint,
+    shard_problem,
+)
 from tinymusician.models.musicgen import codec_encode
 
 log = logging.getLogger(__name__)
@@ -315,13 +321,19 @@ class CodesDataModule(L.LightningDataModule):
         }
         return ShardedTokenCache(self.cache_dir, type(self).__name__, key)
 
-    def shard_plan(self, cache: ShardedTokenCache) -> list[tuple[str, Path, list[ClipRef]]]:
-        """(split, shard file, clips) in encoding order; the same listing always gives the same plan."""
+    def shard_plan(
+        self, cache: ShardedTokenCache, shard_size: int | None = None
+    ) -> list[tuple[str, Path, list[ClipRef]]]:
+        """(split, shard file, clips) in encoding order; the same listing always gives the same plan.
+
+        ``shard_size`` (default ``data.shard_size``) is given to re-plan a cache written with another one.
+        """
+        size = shard_size or self.shard_size
         plan = []
         for split in self.split_names:
             clips = [clip for clip in self.listing.clips if clip.split == split]
-            for index, start in enumerate(range(0, len(clips), self.shard_size)):
-                chunk = clips[start : start + self.shard_size]
+            for index, start in enumerate(range(0, len(clips), size)):
+                chunk = clips[start : start + size]
                 plan.append((split, cache.shard_path(split, index, [c.id for c in chunk]), chunk))
         return plan
 
@@ -363,42 +375,110 @@ class CodesDataModule(L.LightningDataModule):
 
         The report (also ``report.json`` beside the shards) counts the usable clips per split and lists
         every skipped clip with its reason. With ``on_bad_sample=raise`` the first bad clip stops it.
+        Opening a cache checks every shard's header and size: a damaged shard is encoded again (only that
+        one) and an unreadable report rebuilt from the shards; ``report["repaired"]`` lists what was done.
         """
+        return self._prepare(model, progress, print_report, suspect={})
+
+    def _prepare(
+        self,
+        model: MusicgenForConditionalGeneration,
+        progress: bool,
+        print_report: bool,
+        suspect: dict[Path, str],
+    ) -> dict:
+        """:meth:`prepare_tokens`; ``suspect`` maps shards found damaged while reading to the problem."""
         listing = self.listing
         if self.on_bad_sample == "raise" and listing.bad:
             first = listing.bad[0]
             raise BadSampleError(first["id"], f"{first['reason']} {_RAISE_HINT}")
         cache = self.token_cache(model)
-        report = cache.read_report()
-        if report is None:
-            plan = self.shard_plan(cache)
-            done = sum(len(clips) for _, path, clips in plan if path.is_file())
-            if done:
-                log.info("Resuming the token cache %s: %d clips already encoded", cache.root, done)
-            bar = tqdm(
-                total=len(listing.clips),
-                initial=done,
-                desc=f"Encoding {type(self).__name__} clips",
-                unit="clip",
-                disable=not progress,
+        repairs: list[dict] = []
+        try:
+            report = cache.read_report()
+        except CorruptCacheError as err:
+            log.warning("%s", err)
+            repairs.append(
+                {"file": err.path.name, "problem": err.problem, "action": "rebuilt from the shards"}
             )
-            model.audio_encoder.eval()
-            with bar:
-                for split, path, clips in plan:
-                    if not path.is_file():
-                        cache.write_shard(path, self.encode_shard(model, split, clips, bar))
-            report = self._build_report(cache, plan, listing, model)
-            cache.write_report(report)
-            if print_report:
-                print(format_report(report), flush=True)
-        elif self.on_bad_sample == "raise" and report["bad"]:
-            first = report["bad"][0]
-            raise BadSampleError(first["id"], f"{first['reason']} {_RAISE_HINT}")
+            report = None
+        shard_size = (report or {}).get("shard_size") or self.shard_size  # the one the cache was written with
+        plan = self.shard_plan(cache, shard_size)
+        damaged = self._damaged_shards(cache, plan, report, suspect)
+        if report is not None and not damaged:
+            self._raise_on_bad(report)
+            # counted again: reports written before the reason kinds were fixed
+            self.report = {**report, "skipped_by_reason": skipped_by_reason(report["bad"]), "repaired": []}
+            return self.report
+        if report is not None and damaged.keys() - {path for _, path, _ in plan}:
+            # an older report (no shard_size recorded) of another data.shard_size: its shards cannot be
+            # mapped back to clips, so the current plan is encoded wherever it has no sound shard
+            log.warning("token cache %s: re-planning with data.shard_size=%d", cache.root, self.shard_size)
+            shard_size = self.shard_size
+            plan = self.shard_plan(cache, shard_size)
+            damaged = self._damaged_shards(cache, plan, None, suspect)
+        todo = [(split, path, clips) for split, path, clips in plan if path in damaged or not path.is_file()]
+        for _, path, clips in todo:
+            if path in damaged:
+                log.warning(
+                    "token cache shard %s is damaged (%s): encoding its %d clips again",
+                    path,
+                    damaged[path],
+                    len(clips),
+                )
+                repairs.append(
+                    {"file": path.name, "problem": damaged[path], "action": f"re-encoded {len(clips)} clips"}
+                )
+        done = len(listing.clips) - sum(len(clips) for _, _, clips in todo)
+        if done and todo and report is None:
+            log.info("Resuming the token cache %s: %d clips already encoded", cache.root, done)
+        bar = tqdm(
+            total=len(listing.clips),
+            initial=done,
+            desc=f"Encoding {type(self).__name__} clips",
+            unit="clip",
+            disable=not progress or not todo,
+        )
+        model.audio_encoder.eval()
+        with bar:
+            for split, path, clips in todo:
+                cache.write_shard(path, self.encode_shard(model, split, clips, bar))
+        report = {**self._build_report(cache, plan, listing, model, shard_size), "repaired": repairs}
+        cache.write_report(report)
+        if print_report:
+            print(format_report(report), flush=True)
+        self._raise_on_bad(report)  # a cache written while skipping, read with on_bad_sample=raise
         self.report = report
         return report
 
+    def _raise_on_bad(self, report: dict) -> None:
+        if self.on_bad_sample == "raise" and report["bad"]:
+            first = report["bad"][0]
+            raise BadSampleError(first["id"], f"{first['reason']} {_RAISE_HINT}")
+
+    def _damaged_shards(
+        self, cache: ShardedTokenCache, plan: list, report: dict | None, suspect: dict[Path, str]
+    ) -> dict[Path, str]:
+        """Damaged shard -> what is wrong with it (:func:`shard_problem`: the header and size, not the data).
+
+        With a report, every shard it lists must be there and as big as it recorded; without one (not
+        complete yet) only shards already on disk are checked, as absent ones are simply not encoded yet.
+        """
+        if report is None:
+            paths = [path for _, path, _ in plan if path.is_file() or path in suspect]
+        else:
+            paths = [cache.root / name for info in report["splits"].values() for name in info["shards"]]
+        recorded = (report or {}).get("shard_bytes") or {}
+        problems = {path: suspect.get(path) or shard_problem(path, recorded.get(path.name)) for path in paths}
+        return {path: problem for path, problem in problems.items() if problem}
+
     def _build_report(
-        self, cache: ShardedTokenCache, plan: list, listing: Listing, model: MusicgenForConditionalGeneration
+        self,
+        cache: ShardedTokenCache,
+        plan: list,
+        listing: Listing,
+        model: MusicgenForConditionalGeneration,
+        shard_size: int,
     ) -> dict:
         codec = model.audio_encoder
         frame_rate = codec.config.sampling_rate / codec_hop(codec)
@@ -406,11 +486,13 @@ class CodesDataModule(L.LightningDataModule):
             name: {"clips": 0, "seconds": 0.0, "shards": []} for name in self.split_names
         }
         bad = list(listing.bad)
+        shard_bytes = {}
         for split, path, _ in plan:
             shard = cache.read_shard(path)
             splits[split]["clips"] += len(shard)
             splits[split]["seconds"] += float(shard.lengths.sum()) / frame_rate
             splits[split]["shards"].append(path.name)
+            shard_bytes[path.name] = path.stat().st_size
             bad += shard.bad
         return {
             "dataset": type(self).__name__,
@@ -421,14 +503,29 @@ class CodesDataModule(L.LightningDataModule):
             "usable": sum(s["clips"] for s in splits.values()),
             "held_out": listing.held_out,
             "skipped": len(bad),
-            "skipped_by_reason": dict(Counter(_reason_kind(b["reason"]) for b in bad).most_common()),
+            "skipped_by_reason": skipped_by_reason(bad),
             "bad": bad,
             "notes": listing.notes,
+            "shard_size": shard_size,  # with the listing, re-creates the plan to re-encode a damaged shard
+            "shard_bytes": shard_bytes,  # what each shard weighed when written: a truncated one is found
         }
 
     def load_splits(self, model: MusicgenForConditionalGeneration) -> dict[str, TokenSplit]:
-        """Prepare (if needed) and read every split from the token cache."""
+        """Prepare (if needed) and read every split from the token cache.
+
+        A shard whose header is sound but whose content is not (overwritten bytes) is found here, when it
+        is read: it is encoded again, once, and the splits read anew.
+        """
         report = self.prepare_tokens(model)
+        try:
+            return self._read_splits(report)
+        except CorruptCacheError as err:
+            log.warning("%s", err)
+            report = self._prepare(model, progress=True, print_report=True, suspect={err.path: err.problem})
+            return self._read_splits(report)
+
+    @staticmethod
+    def _read_splits(report: dict) -> dict[str, TokenSplit]:
         root = Path(report["cache_dir"])
         return {
             split: TokenSplit.concat([ShardedTokenCache.read_shard(root / name) for name in info["shards"]])
@@ -503,7 +600,7 @@ class CodesDataModule(L.LightningDataModule):
         if self.report is not None:
             skipped = [b for b in self.report["bad"] if b.get("split") == split]
             if skipped:
-                kinds = Counter(_reason_kind(b["reason"]) for b in skipped)
+                kinds = skipped_by_reason(skipped)
                 message += f"; {len(skipped)} of its clips were skipped ({', '.join(f'{k} {n}' for k, n in kinds.items())})"
             message += f"; every skipped clip and why: {self.report['cache_dir']}/report.json"
         return message + "; give it at least one usable clip"
@@ -529,8 +626,18 @@ class CodesDataModule(L.LightningDataModule):
 
 
 def _reason_kind(reason: str) -> str:
-    """The kind of a bad-sample reason ("too short: 0.2 s < 1 s" -> "too short") for the report's counts."""
+    """The kind of a bad-sample reason ("too short: 0.2 s < 1 s" -> "too short") for the report's counts.
+
+    Reasons are written "kind: details" or "kind (details)", so values and counts stay out of the kind.
+    """
+    if reason.startswith("contains ") and reason.endswith("NaN/inf samples"):  # caches written before
+        return "non-finite samples"
     return reason.split(":")[0].split(" (")[0].strip()
+
+
+def skipped_by_reason(bad: list[dict]) -> dict[str, int]:
+    """Skipped clips counted by the kind of their reason, most frequent first (report["skipped_by_reason"])."""
+    return dict(Counter(_reason_kind(b["reason"]) for b in bad).most_common())
 
 
 def format_report(report: dict, max_listed: int = 20) -> str:
@@ -550,6 +657,9 @@ def format_report(report: dict, max_listed: int = 20) -> str:
         if report["skipped"] > max_listed:
             lines.append(f"    ... {report['skipped'] - max_listed} more")
         lines.append(f"  full list: {report['cache_dir']}/report.json")
+    if report.get("repaired"):
+        lines.append(f"  repaired {len(report['repaired'])} damaged cache file(s):")
+        lines += [f"    {r['file']}: {r['problem']} -> {r['action']}" for r in report["repaired"]]
     return "\n".join(lines)
 
 

@@ -52,42 +52,49 @@ def find_metadata(root: Path) -> list[Path]:
 
 
 def read_metadata(path: Path) -> list[tuple[int, dict | None, str]]:
-    """Rows of one metadata file as (line number, row or None, error) in file order."""
+    """Rows of one metadata file as (line number, row or None, error) in file order.
+
+    A malformed JSON line is a row with its error, so it is skipped and counted, never fatal; a file that
+    is not UTF-8 text raises ValueError naming it.
+    """
     rows: list[tuple[int, dict | None, str]] = []
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            for row in reader:
-                rows.append((reader.line_num, dict(row), ""))
-        return rows
-    with path.open(encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                rows.append((number, None, f"malformed metadata line ({err.msg})"))
-                continue
-            if not isinstance(row, dict):
-                rows.append((number, None, "metadata line is not a JSON object"))
-                continue
-            rows.append((number, row, ""))
+    try:
+        if path.suffix == ".csv":
+            with path.open(newline="", encoding="utf-8-sig") as handle:
+                reader = csv.DictReader(handle)
+                for row in reader:
+                    rows.append((reader.line_num, dict(row), ""))
+            return rows
+        with path.open(encoding="utf-8-sig") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    rows.append((number, None, f"malformed metadata line ({err.msg})"))
+                    continue
+                if not isinstance(row, dict):
+                    rows.append((number, None, "metadata line is not a JSON object"))
+                    continue
+                rows.append((number, row, ""))
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+        ) from err
     return rows
 
 
-def _columns(path: Path) -> list[str]:
-    """Column names of a metadata file: the CSV header, or the keys of the first JSON line."""
+def metadata_columns(path: Path, rows: list[tuple[int, dict | None, str]]) -> list[str]:
+    """Column names of a metadata file: the CSV header, or every key of its valid JSON lines.
+
+    Only valid lines count, so one malformed line (the first, say) is skipped like any other bad row
+    instead of hiding every column.
+    """
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            return next(csv.reader(handle), [])
-    with path.open(encoding="utf-8-sig") as handle:
-        first = next((line for line in handle if line.strip()), "")
-    try:
-        row = json.loads(first) if first else {}
-    except json.JSONDecodeError:
-        return []
-    return list(row) if isinstance(row, dict) else []
+            return [name for name in next(csv.reader(handle), []) if name]
+    return list(dict.fromkeys(key for _, row, _ in rows if row is not None for key in row))
 
 
 class FolderDataModule(CodesDataModule):
@@ -118,7 +125,14 @@ class FolderDataModule(CodesDataModule):
                 f"add one: {_LAYOUT_HINT}"
             )
         for metadata in self.metadata_files:
-            columns = _columns(metadata)
+            rows = read_metadata(metadata)
+            if not any(row is not None for _, row, _ in rows):
+                malformed = f" ({len(rows)} malformed lines, the first at line {rows[0][0]})" if rows else ""
+                raise ValueError(
+                    f"data.root={root}: {metadata} has no valid rows{malformed}; add rows to it "
+                    f"or delete it: {_LAYOUT_HINT}"
+                )
+            columns = metadata_columns(metadata, rows)
             for key, column in (("file_column", file_column), ("caption_column", caption_column)):
                 if column not in columns:
                     raise ValueError(
@@ -164,9 +178,13 @@ class FolderDataModule(CodesDataModule):
                     continue
                 path = Path(os.path.normpath(metadata.parent / file_name))
                 clip_id = self.clip_id(path)
-                if clip_id in listed_at:
+                if clip_id in listed_at:  # reported as this row, so the kept clip is not listed as skipped
                     bad.append(
-                        {"id": clip_id, "reason": f"duplicate: already listed at {listed_at[clip_id]}"}
+                        {
+                            "id": f"{where}:{line}",
+                            "reason": f"duplicate: {clip_id} is already listed at {listed_at[clip_id]} "
+                            "(that row is kept)",
+                        }
                     )
                     continue
                 listed_at[clip_id] = f"{where}:{line}"
@@ -183,7 +201,7 @@ class FolderDataModule(CodesDataModule):
                 value = str(row.get(self.split_column) or "").strip().lower()
                 if value and value not in SPLIT_NAMES:
                     bad.append(
-                        {"id": clip_id, "reason": f"unknown split {value!r} (use train, validation or test)"}
+                        {"id": clip_id, "reason": f"unknown split: {value!r} (use train, validation or test)"}
                     )
                     continue
                 if value and SPLIT_NAMES[value] is None:

@@ -124,7 +124,7 @@ class MusicCapsDataModule(CodesDataModule):
         index = index_audio(self.audio_dir)
         clips: list[ClipRef] = []
         bad: list[dict] = []
-        seen: set[str] = set()
+        seen: dict[str, int] = {}  # ytid -> the row that lists it
         rows = no_audio = 0
         with self.csv.open(newline="", encoding="utf-8-sig") as handle:
             for row in csv.DictReader(handle):
@@ -133,13 +133,19 @@ class MusicCapsDataModule(CodesDataModule):
                 if not ytid:
                     bad.append({"id": f"{self.csv.name}:row {rows}", "reason": "row has no ytid"})
                     continue
-                if ytid in seen:
-                    bad.append({"id": ytid, "reason": "duplicate: ytid already listed"})
+                if ytid in seen:  # reported as this row: the ytid itself is the kept clip
+                    bad.append(
+                        {
+                            "id": f"{self.csv.name}:row {rows}",
+                            "reason": f"duplicate: ytid {ytid} is already listed at row {seen[ytid]} "
+                            "(that row is kept)",
+                        }
+                    )
                     continue
-                seen.add(ytid)
+                seen[ytid] = rows
                 flag = (row.get("is_audioset_eval") or "").strip().lower()
                 if flag not in _TRUE | _FALSE:
-                    bad.append({"id": ytid, "reason": f"is_audioset_eval={flag!r} is not True/False"})
+                    bad.append({"id": ytid, "reason": f"bad is_audioset_eval: {flag!r} is not True/False"})
                     continue
                 split = "val" if flag in _TRUE else "train"
                 caption = (row.get(self.caption_column) or "").strip()
