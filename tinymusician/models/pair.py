@@ -3,20 +3,59 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
-from transformers import MusicgenForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import AutoConfig, MusicgenConfig, MusicgenForConditionalGeneration, PreTrainedTokenizerBase
 
-from tinymusician.models.musicgen import check_model_source, freeze, load_musicgen, load_tokenizer
-from tinymusician.models.tiny import TinySpec, ensure_tiny_pair
+from tinymusician.models.musicgen import (
+    DTYPES,
+    check_model_source,
+    freeze,
+    load_musicgen,
+    load_tokenizer,
+    looks_like_path,
+)
+from tinymusician.models.tiny import TinySpec, build_tokenizer, ensure_tiny_pair, musicgen_config
 
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+
+# What "the same codec, vocabulary and T5" means for position-by-position distillation. Architecture only:
+# bookkeeping such as dtype (a bf16 teacher writes `dtype: bfloat16`), _name_or_path, architectures or
+# transformers_version differs between two copies of the same model and must not count.
+PAIR_FIELDS: dict[str, tuple[str, ...]] = {
+    # logits [B, K, T, V] are compared 1:1, and the student's pad token builds both models' delayed inputs
+    "decoder": ("num_codebooks", "vocab_size", "audio_channels", "pad_token_id"),
+    # the student's codec encodes the corpus: the teacher must read the same codes at the same frame rate
+    "audio_encoder": ("model_type", "sampling_rate", "codebook_size", "upsampling_ratios", "audio_channels"),
+    # T5 is encoded once (by the student) and fed to both decoders
+    "text_encoder": (
+        "model_type",
+        "vocab_size",
+        "d_model",
+        "d_kv",
+        "d_ff",
+        "num_layers",
+        "num_heads",
+        "feed_forward_proj",
+        "dense_act_fn",
+        "is_gated_act",
+        "relative_attention_num_buckets",
+        "relative_attention_max_distance",
+        "layer_norm_epsilon",
+    ),
+}
+
+
+class IncompatiblePairError(ValueError):
+    """Teacher and student cannot be distilled position by position; the message lists what differs."""
 
 
 @dataclass
@@ -28,66 +67,139 @@ class TeacherStudent:
     teacher_source: str | None
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """MusicGen's pad id == codebook size is by design; transformers warns about it at every config."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def tiny_spec(model_cfg: DictConfig) -> TinySpec:
+    return TinySpec.from_dict(OmegaConf.to_container(model_cfg.get("tiny") or {}, resolve=True))
+
+
+def source_config(model_cfg: DictConfig, role: str) -> MusicgenConfig:
+    """``model.<role>``'s MusicgenConfig without loading weights: config.json only, or the tiny recipe.
+
+    The tiny pair is built lazily (training its teacher takes a minute), but its config follows from
+    :class:`TinySpec` alone, so a tiny/directory mix is checked at start-up too.
+    """
+    source = str(model_cfg.get(role))
+    key = f"model.{role}"
+    if source != TINY:
+        check_model_source(source, key)
+    with quiet_transformers():
+        if source == TINY:
+            spec = tiny_spec(model_cfg)
+            return musicgen_config(spec, getattr(spec, role), len(build_tokenizer()))
+        try:
+            config = AutoConfig.from_pretrained(
+                str(Path(source).expanduser()) if looks_like_path(source) else source
+            )
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"{key}={source!r}: cannot read its config.json ({err}); save the model again with "
+                "`save_pretrained`, or point the key at another model"
+            ) from err
+    if getattr(config, "model_type", None) != "musicgen":
+        raise ValueError(
+            f"{key}={source!r}: config.json describes a {getattr(config, 'model_type', '?')!r} model, not "
+            "MusicGen ('musicgen', text-to-music with a T5 encoder and EnCodec); point it at a MusicGen model "
+            "such as facebook/musicgen-small"
+        )
+    return config
+
+
+def plain(value: object) -> object:
+    """Lists and tuples compare equal (a config.json round trip turns one into the other)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def pair_differences(student: MusicgenConfig, teacher: MusicgenConfig) -> list[str]:
+    """``PAIR_FIELDS`` on which the two configs disagree, as ``part.field: teacher X, student Y``."""
+    differences = []
+    for part, fields in PAIR_FIELDS.items():
+        s, t = getattr(student, part), getattr(teacher, part)
+        for name in fields:
+            a, b = plain(getattr(s, name, None)), plain(getattr(t, name, None))
+            if a != b:
+                differences.append(f"{part}.{name}: teacher {b!r}, student {a!r}")
+    return differences
+
+
+def check_pair_configs(
+    student: MusicgenConfig, teacher: MusicgenConfig, student_name: str, teacher_name: str
+) -> None:
+    """Raise :class:`IncompatiblePairError` when the pair's codec, vocabulary or T5 architecture differ."""
+    differences = pair_differences(student, teacher)
+    if differences:
+        raise IncompatiblePairError(
+            f"model.teacher={teacher_name!r} and model.student={student_name!r} cannot be distilled into one "
+            f"another: {'; '.join(differences)}. Distillation compares logits position by position and encodes "
+            "text and audio once for both, so they must share the codec (codebooks, vocabulary), the pad token "
+            "and the T5 text encoder; pick models of one family (e.g. facebook/musicgen-large -> "
+            "facebook/musicgen-small), or set model.teacher=null and train without KD"
+        )
+
+
 def check_model_config(model_cfg: DictConfig) -> None:
-    """Start-up checks of ``model.*`` that load no weights (only config.json for hub ids)."""
+    """Start-up checks of ``model.*`` that load no weights: sources exist, dtype is known, the pair fits.
+
+    Reads only config.json (or the tiny recipe), so an incompatible pair fails before minutes of loading.
+    """
     if model_cfg.get("student") in (None, ""):
         raise ValueError("model.student is required: `tiny`, a hub id or a save_pretrained directory")
-    for role in ("student", "teacher"):
-        source = model_cfg.get(role)
-        if source is None:
-            continue
-        if source == TINY:
-            TinySpec.from_dict(OmegaConf.to_container(model_cfg.get("tiny") or {}, resolve=True))
-        else:
-            check_model_source(str(source), f"model.{role}")
+    dtype = model_cfg.get("teacher_dtype", "float32")
+    if dtype is not None and str(dtype) not in DTYPES:
+        raise ValueError(f"model.teacher_dtype={dtype!r}: unknown dtype; known: {sorted(DTYPES)}")
+    student = source_config(model_cfg, "student")
+    if model_cfg.get("teacher") is not None:
+        teacher = source_config(model_cfg, "teacher")
+        check_pair_configs(student, teacher, str(model_cfg.student), str(model_cfg.teacher))
 
 
 def resolve_sources(model_cfg: DictConfig, cache_dir: str) -> tuple[str, str | None]:
     """Replace ``tiny`` by the cached tiny pair's directories, building it on first use."""
     student, teacher = model_cfg.student, model_cfg.get("teacher")
     if TINY in (student, teacher):
-        spec = TinySpec.from_dict(OmegaConf.to_container(model_cfg.get("tiny") or {}, resolve=True))
-        pair = ensure_tiny_pair(cache_dir, spec)
+        pair = ensure_tiny_pair(cache_dir, tiny_spec(model_cfg))
         student = str(pair.student) if student == TINY else student
         teacher = str(pair.teacher) if teacher == TINY else teacher
     return str(student), (str(teacher) if teacher is not None else None)
 
 
 def check_compatible(
-    student: MusicgenForConditionalGeneration, teacher: MusicgenForConditionalGeneration
+    student: MusicgenForConditionalGeneration,
+    teacher: MusicgenForConditionalGeneration,
+    student_name: str = "student",
+    teacher_name: str = "teacher",
 ) -> None:
-    """Distillation compares logits position by position: codebooks and vocabularies must match."""
-    s, t = student.config.decoder, teacher.config.decoder
-    for name in ("num_codebooks", "vocab_size", "audio_channels"):
-        if getattr(s, name) != getattr(t, name):
-            raise ValueError(
-                f"teacher and student disagree on decoder.{name} ({getattr(t, name)} vs {getattr(s, name)}): "
-                "their logits cannot be compared; pick models that share the audio codec"
-            )
-    if student.config.text_encoder.to_dict() != teacher.config.text_encoder.to_dict():
-        raise ValueError("teacher and student have different text encoders; both must use the same T5")
+    """The loaded pair: the config check again, then T5 weights equal up to bf16 rounding."""
+    check_pair_configs(student.config, teacher.config, student_name, teacher_name)
     for (name, a), b in zip(
         student.text_encoder.state_dict().items(), teacher.text_encoder.state_dict().values(), strict=True
     ):
         if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3):  # bf16 ok
-            raise ValueError(
-                f"teacher and student text encoders differ at {name}: T5 is encoded once for both"
+            raise IncompatiblePairError(
+                f"model.teacher={teacher_name!r} and model.student={student_name!r} have different T5 weights "
+                f"(text_encoder.{name}): T5 is encoded once, by the student, for both; use a teacher and a "
+                "student that share their text encoder"
             )
 
 
 def load_teacher_student(model_cfg: DictConfig, cache_dir: str) -> TeacherStudent:
     """Student in fp32 (it trains), teacher frozen in ``model.teacher_dtype``; tokenizer from the student."""
     student_source, teacher_source = resolve_sources(model_cfg, cache_dir)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # MusicGen's pad id == vocab size is by design, not a warning
-    try:
+    with quiet_transformers():
         student = load_musicgen(student_source)
         teacher = None
         if teacher_source is not None:
             teacher = freeze(load_musicgen(teacher_source, dtype=model_cfg.get("teacher_dtype", "float32")))
-            check_compatible(student, teacher)
+            check_compatible(student, teacher, student_source, teacher_source)
         tokenizer = load_tokenizer(student_source)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
     log.info("Student %s (%s); teacher %s", student_source, Path(student_source).name, teacher_source)
     return TeacherStudent(student, teacher, tokenizer, student_source, teacher_source)
