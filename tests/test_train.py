@@ -150,3 +150,35 @@ def test_cli_multirun_sweep(tmp_path, tiny_pair, cache_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = sorted(Path(tmp_path).rglob("summary.json"))
     assert [json.loads(p.read_text())["loss"] for p in summaries] == ["fkl", "rkl"]
+
+
+def test_checkpoint_without_frozen_weights_is_smaller_and_resumes(tmp_path, tiny_pair):
+    from tinymusician.distill.module import FROZEN_PREFIXES
+
+    first = compose_train_cfg(
+        ["+experiment=kd_only", "trainer.max_steps=4", "checkpoint_frozen=false"], tmp_path / "a"
+    )
+    _, objects = train(first)
+    last = objects["summary"]["last_checkpoint"]
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["state_dict"] and not any(k.startswith(FROZEN_PREFIXES) for k in ckpt["state_dict"])
+    assert any(k.startswith("student.decoder.") for k in ckpt["state_dict"])
+    assert ckpt["frozen_weights"]["prefixes"] == list(FROZEN_PREFIXES)
+    frozen = {
+        k: v.clone() for k, v in objects["module"].state_dict().items() if k.startswith(FROZEN_PREFIXES)
+    }
+    resumed = compose_train_cfg(
+        ["+experiment=kd_only", "trainer.max_steps=6", f"ckpt_path={last}"], tmp_path / "b"
+    )
+    _, objects = train(resumed)  # strict loading: the frozen parts come from model.student
+    assert objects["summary"]["steps"] == 6
+    state = objects["module"].state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())
+    # quantize / export / generate read such a checkpoint too: the frozen parts come from its student/ dir
+    from tinymusician.models.source import load_named_model
+
+    student, _, described = load_named_model(str(last))
+    trained = objects["module"].student.state_dict()
+    loaded = student.state_dict()
+    assert "architecture and tokenizer from" in described
+    assert all(torch.equal(loaded[k], trained[k]) for k in loaded if k.startswith("text_encoder."))

@@ -184,8 +184,23 @@ def test_cli_on_the_runs_checkpoint_reproduces_the_training_report(kd_quant_run,
     assert "generation check" in capsys.readouterr().out
 
 
-def test_cli_requires_a_known_plan(tiny_pair, tmp_path):
-    with pytest.raises(SystemExit, match="choose a plan"):
-        quantize_main([str(tiny_pair.student)])
-    with pytest.raises(SystemExit, match="fp32, paper, int8, adaptive"):
+def test_cli_requires_a_known_plan(tiny_pair, tmp_path, capsys):
+    assert quantize_main([str(tiny_pair.student)]) == 2
+    assert "choose a plan" in capsys.readouterr().err
+    assert (
         quantize_main([str(tiny_pair.student), "quant=paper", "quant.plan=pepper", "--out", str(tmp_path)])
+        == 2
+    )
+    assert "fp32, paper, int8, adaptive" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written for a plan that cannot run
+
+
+def test_output_path_that_is_a_file_is_reported_not_crashed(student, tokenizer, batches, tmp_path):
+    target = tmp_path / "quantized"
+    target.write_text("a file")
+    data = SimpleNamespace(val_dataloader=lambda: batches)
+    report = QuantizeCallback(plan="int8").run(student, tokenizer, data, target)  # on_error=warn
+    assert report["status"] == "error" and "quant.output_dir" in report["error"]
+    assert target.read_text() == "a file"
+    with pytest.raises(QuantizationError, match="exists and is not a directory"):
+        QuantizeCallback(plan="int8", on_error="raise").run(student, tokenizer, data, target)

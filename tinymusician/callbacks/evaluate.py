@@ -134,6 +134,14 @@ class EvaluateCallback(L.Callback):
         self.last_metrics: dict[str, float] = {}
         self.last_report_path: Path | None = None
 
+    def metric_keys(self) -> list[str]:
+        """The ``eval/*`` (and ``eval_quant/*``, when a quantized student exists) keys a run can report."""
+        names = [spec["name"] for spec in self.embedder_specs]
+        keys = [f"fad_{name}" for name in names]
+        keys += [f"fad_inf_{name}" for name in names] if self.fad_inf else []
+        keys += ["clap"] if self.clap_model else []
+        return [f"{prefix}/{key}" for prefix in ("eval", "eval_quant") for key in keys]
+
     # --- hooks --------------------------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:

@@ -42,6 +42,23 @@ NOTES = [
 ]
 
 
+# Every key report_metrics() can return (tests check the two agree).
+QUANT_METRICS = (
+    "quant/failed",
+    "quant/size_mb",
+    "quant/size_mb_fp32",
+    "quant/reduction",
+    "quant/reduction_deployed",
+    "quant/size_mb_text_encoder",
+    "quant/size_mb_decoder",
+    "quant/size_mb_codec",
+    "quant/top1_agree",
+    "quant/top1_agree_q{k}",
+    "quant/kl",
+    "quant/max_logit_diff",
+)
+
+
 class QuantizationError(RuntimeError):
     """Quantization failed and ``on_error="raise"``; the report JSON holds the details."""
 
@@ -92,6 +109,10 @@ class QuantizeCallback(L.Callback):
         self.report_path: Path | None = None
         self.bundle_dir: Path | None = None
 
+    def metric_keys(self) -> list[str]:
+        """The ``quant/*`` keys :func:`report_metrics` can report (``{k}`` = codebook), for start-up checks."""
+        return list(QUANT_METRICS)
+
     # --- Lightning ------------------------------------------------------------------------------------
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -124,9 +145,6 @@ class QuantizeCallback(L.Callback):
     ) -> dict[str, Any]:
         """Quantize a copy of ``student``; write bundle + report into ``output_dir``; return the report."""
         output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (PLAN_FILE, STATE_FILE):  # a failed run must not leave an older bundle looking current
-            (output_dir / stale).unlink(missing_ok=True)
         start = time.perf_counter()
         report: dict[str, Any] = {
             "status": "running",
@@ -136,6 +154,7 @@ class QuantizeCallback(L.Callback):
         }
         self.quantized_model = None
         try:
+            prepare_output_dir(output_dir)
             self._quantize(student, tokenizer, datamodule, output_dir, report)
             report["status"] = "ok"
         except Exception as err:
@@ -206,13 +225,31 @@ class QuantizeCallback(L.Callback):
     ) -> None:
         report["seconds"] = round(time.perf_counter() - start, 2)
         self.report = report
-        self.report_path = output_dir / REPORT_FILE
-        self.report_path.write_text(json.dumps(report, indent=2, default=str))
+        self.report_path = None
+        try:
+            (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+            self.report_path = output_dir / REPORT_FILE
+        except OSError as err:  # e.g. the output path is a file: the error is already in the report
+            log.error(
+                "Could not write %s (%s); quant/failed is logged and summary.json says why", REPORT_FILE, err
+            )
         metrics = report_metrics(report)
         self.last_metrics = metrics
         for logger in loggers:
             logger.log_metrics(metrics, step=step)
             logger.save()
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create ``output_dir`` and drop an older bundle there (a failed run must not leave it looking current)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(
+            f"quantization output {output_dir} exists and is not a directory; remove it or set "
+            "quant.output_dir to a directory"
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (PLAN_FILE, STATE_FILE):
+        (output_dir / stale).unlink(missing_ok=True)
 
 
 def calibration_loader(datamodule: Any):

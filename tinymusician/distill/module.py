@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -14,6 +14,32 @@ from tinymusician.distill.divergences import forward_kl
 from tinymusician.distill.losses import DistillationLoss
 from tinymusician.models.delay import delay_pattern
 from tinymusician.models.musicgen import decoder_logits, encode_text, freeze
+
+# What validation_step logs: train.check_config validates `optimized_metric` and checkpoint monitors against
+# these before any model loads (tests/distill/test_module.py checks the logged keys are exactly these).
+VALIDATION_METRICS = ("val/ce",)
+TEACHER_VALIDATION_METRICS = ("val/kl_to_teacher", "val/teacher_ce")  # only when there is a teacher
+PER_CODEBOOK_VALIDATION_METRIC = "val/ce_q{k}"  # k = 0 .. num_codebooks - 1
+
+# The student's frozen parts (shared with the teacher, never trained): left out of Lightning checkpoints when
+# ``checkpoint_frozen=False`` and restored from the pretrained source the run starts from.
+FROZEN_PREFIXES = ("student.text_encoder.", "student.audio_encoder.")
+
+
+def validation_metric_keys(num_codebooks: int | None, with_teacher: bool) -> list[str]:
+    """The keys :meth:`DistillationModule.validation_step` logs (per-codebook ones only if K is known)."""
+    keys = [*VALIDATION_METRICS, *(TEACHER_VALIDATION_METRICS if with_teacher else ())]
+    return keys + [PER_CODEBOOK_VALIDATION_METRIC.format(k=k) for k in range(num_codebooks or 0)]
+
+
+def frozen_fingerprint(state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Element count and float64 sum per frozen prefix: cheap, and enough to notice different weights."""
+    out: dict[str, float] = {}
+    for prefix in FROZEN_PREFIXES:
+        tensors = [v for k, v in state.items() if k.startswith(prefix) and v.is_floating_point()]
+        out[f"{prefix}numel"] = float(sum(t.numel() for t in tensors))
+        out[f"{prefix}sum"] = float(sum(t.double().sum() for t in tensors)) if tensors else 0.0
+    return out
 
 
 def per_codebook_ce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -41,6 +67,7 @@ class DistillationModule(L.LightningModule):
         teacher: MusicgenForConditionalGeneration | None = None,
         scheduler: Callable[..., Any] | None = None,
         cond_dropout: float = 0.0,
+        checkpoint_frozen: bool = True,
     ) -> None:
         super().__init__()
         if loss.requires_teacher and teacher is None:
@@ -53,6 +80,7 @@ class DistillationModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.cond_dropout = cond_dropout
+        self.checkpoint_frozen = checkpoint_frozen
         self.pad_token_id = student.config.decoder.pad_token_id
         self.num_codebooks = student.config.decoder.num_codebooks
         self.last_train_logs: dict[str, float] = {}  # for the end-of-run summary and tests
@@ -69,7 +97,38 @@ class DistillationModule(L.LightningModule):
             self.teacher.to(self.device)
 
     def on_fit_start(self) -> None:
+        # from_pretrained returns eval-mode modules and Lightning 2.x keeps whatever mode it is given, so
+        # without this the student's decoder would train with dropout off (train() keeps T5/EnCodec in eval).
+        self.train()
         self.setup("fit")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.checkpoint_frozen:
+            return
+        state = checkpoint["state_dict"]
+        checkpoint["frozen_weights"] = {
+            "prefixes": list(FROZEN_PREFIXES),
+            "fingerprint": frozen_fingerprint(state),
+            "source": str(getattr(self.student.config, "name_or_path", "")),
+        }
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put back frozen weights a checkpoint left out, from the student this run loaded (strict load stays)."""
+        frozen = checkpoint.get("frozen_weights")
+        if frozen is None:
+            return
+        current = {k: v for k, v in self.state_dict().items() if k.startswith(FROZEN_PREFIXES)}
+        mine = frozen_fingerprint(current)
+        for key, value in frozen["fingerprint"].items():
+            if not torch.isclose(torch.tensor(mine.get(key, float("nan"))), torch.tensor(value), rtol=1e-6):
+                raise ValueError(
+                    f"the checkpoint left out the frozen text encoder / codec (saved from {frozen['source']!r}), "
+                    f"but the student this run loaded ({self.student.config.name_or_path!r}) has different "
+                    f"ones ({key}: {mine.get(key)} vs {value}); resume with the model.student it was trained from"
+                )
+        checkpoint["state_dict"].update(current)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]
