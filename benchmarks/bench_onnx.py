@@ -13,6 +13,10 @@ Every run: ``--seconds`` of audio (10), classifier-free guidance 3, top-k 250 sa
 of audio; below 1.0 is faster than real time. Backends run in turn, ``--rounds`` times round-robin; the best
 round counts. Targets: ORT int8 RTF <= 1.0 and >= 3x faster than PyTorch fp32 eager. Exits 0 either way.
 
+``--int8-weights-too`` also exports ONNX Runtime's default int8 weights (U8S8, the bundle format before
+uint8 weights; it saturates on AVX2 CPUs without VNNI, see tinymusician/onnx/export.py) and times it as
+``ort-int8-s8`` beside the bundle's uint8 weights, to show what exactness costs on this CPU.
+
     python benchmarks/bench_onnx.py [--seconds 10] [--rounds 1] [--threads 2] [--tiny] [--backends ...]
 """
 
@@ -27,6 +31,50 @@ import time
 from pathlib import Path
 
 BACKENDS = ("torch-fp32", "torch-int8", "ort-fp32", "ort-int8", "ort-int4")
+S8 = "int8-s8"  # the comparison-only precision: int8 (U8S8) weights, exported as onnx/*_int8.onnx
+
+
+def register_s8() -> None:
+    """Teach the exporter (this process only) the comparison precision."""
+    from functools import partial
+
+    from tinymusician.onnx import export
+
+    export.PRECISIONS[S8] = "_int8"
+    export.QUANTIZERS[S8] = partial(export.quantize_int8, weights="int8")
+
+
+def split_s8(bundle: Path, manifest: dict) -> dict:
+    """Move the comparison graphs into ``<bundle>-s8``, a bundle whose ``int8`` are them (hard links, no copy),
+    so the runtime loads both unchanged; the main bundle's manifest is back to fp32, int8, int4."""
+    import os
+    import shutil
+
+    from tinymusician.onnx.export import QUANTIZABLE, graph_file
+
+    other = bundle.with_name(f"{bundle.name}-s8")
+    shutil.copytree(bundle, other, copy_function=os.link)
+    s8_manifest = json.loads(json.dumps(manifest))
+    for graph in QUANTIZABLE:
+        legacy, target = f"onnx/{graph}_int8.onnx", graph_file(graph, "int8")
+        (other / target).unlink()
+        (other / legacy).rename(other / target)
+        s8_manifest["files"][target] = {**manifest["files"].pop(legacy), "precision": "int8"}
+        del s8_manifest["files"][legacy]
+        (bundle / legacy).unlink()
+    manifest["precisions"].remove(S8)
+    s8_manifest["precisions"] = list(manifest["precisions"])
+    s8_manifest["quantization"]["int8"] = {
+        **manifest["quantization"]["int8"],
+        "weights": "int8",
+        "kernel": "U8S8",
+    }
+    for path, content in ((bundle, manifest), (other, s8_manifest)):
+        (path / "manifest.json").unlink()  # a hard link shared by both bundles until now
+        (path / "manifest.json").write_text(json.dumps(content, indent=2))
+    return s8_manifest
+
+
 PROMPT = "lo-fi hip hop beat with warm piano chords and vinyl crackle"
 
 
@@ -42,7 +90,10 @@ def worker(args: argparse.Namespace) -> None:
     if args.backend.startswith("ort"):
         from tinymusician.onnx.runtime import TinyMusicianONNX
 
-        model = TinyMusicianONNX(args.bundle, precision=args.backend.split("-")[1], threads=args.threads)
+        path, precision = args.bundle, args.backend.removeprefix("ort-")
+        if precision == S8:
+            path, precision = f"{args.bundle}-s8", "int8"
+        model = TinyMusicianONNX(path, precision=precision, threads=args.threads)
         loaded = peak_rss_mb()
         model.generate([PROMPT], args.seconds, seed=0)
         stats = model.last_stats
@@ -94,9 +145,13 @@ def prepare(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path, dict]:
     tokenizer = load_tokenizer(str(tiny))  # token ids only need to be in range; weights are random anyway
     model_dir = save_musicgen(model, tokenizer, scratch / "model")
     started = time.perf_counter()
-    manifest = export_bundle(
-        model, tokenizer, scratch / "bundle", precisions=["fp32", "int8", "int4"], source="benchmark"
-    )
+    precisions = ["fp32", "int8", "int4"]
+    if f"ort-{S8}" in args.backends:
+        register_s8()
+        precisions.append(S8)
+    manifest = export_bundle(model, tokenizer, scratch / "bundle", precisions=precisions, source="benchmark")
+    if S8 in precisions:
+        manifest["s8_int8_bytes"] = bundle_mb(split_s8(scratch / "bundle", manifest), "int8")
     print(f"exported in {time.perf_counter() - started:.0f} s", flush=True)
     return model_dir, scratch / "bundle", manifest
 
@@ -113,11 +168,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
-    parser.add_argument("--worker", choices=BACKENDS, dest="backend", help=argparse.SUPPRESS)
+    choices = [*BACKENDS, f"ort-{S8}"]
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=choices)
+    parser.add_argument("--int8-weights-too", action="store_true", help=f"also time ort-{S8} (see above)")
+    parser.add_argument("--worker", choices=choices, dest="backend", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--bundle", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.int8_weights_too and f"ort-{S8}" not in args.backends:
+        args.backends.append(f"ort-{S8}")
     if args.backend:
         worker(args)
         return
@@ -129,27 +188,31 @@ def main() -> None:
         for round_index in range(args.rounds):
             for backend in args.backends:
                 stats = run_backend(backend, args, model_dir, bundle)
-                print(f"round {round_index + 1} {backend:<11} RTF {stats['rtf']:.3f}", flush=True)
+                print(f"round {round_index + 1} {backend:<13} RTF {stats['rtf']:.3f}", flush=True)
                 if backend not in best or stats["rtf"] < best[backend]["rtf"]:
                     best[backend] = stats
 
     sizes = {
         "torch-fp32": fp32_mb,
         "torch-int8": float("nan"),  # see bench_quant.py for PyTorch bundle sizes
-        **{f"ort-{p}": bundle_mb(manifest, p) for p in ("fp32", "int8", "int4")},
+        **{f"ort-{p}": bundle_mb(manifest, p) for p in manifest["precisions"]},
+        f"ort-{S8}": manifest.get("s8_int8_bytes", float("nan")),
     }
     reference = best.get("torch-fp32", {}).get("rtf")
     print(
         f"\n{args.seconds:g} s of audio, CFG 3, top-k 250, batch 1, {args.threads} threads "
         f"({'tiny student' if args.tiny else 'MusicGen-Small architecture, random weights'})"
     )
-    print(f"{'backend':<12}{'RTF':>8}{'vs torch-fp32':>15}{'step ms':>9}{'peak RSS MB':>13}{'size MB':>10}")
+    print(f"{'backend':<13}{'RTF':>8}{'vs torch-fp32':>15}{'step ms':>9}{'peak RSS MB':>13}{'size MB':>10}")
     for backend, stats in best.items():
         speedup = f"{reference / stats['rtf']:.2f}x" if reference else "-"
         print(
-            f"{backend:<12}{stats['rtf']:>8.3f}{speedup:>15}{stats['decoder_step_ms']:>9.1f}"
+            f"{backend:<13}{stats['rtf']:>8.3f}{speedup:>15}{stats['decoder_step_ms']:>9.1f}"
             f"{stats['peak_rss_mb']:>13.0f}{sizes[backend]:>10.1f}"
         )
+    if "ort-int8" in best and f"ort-{S8}" in best:
+        ratio = best["ort-int8"]["decoder_step_ms"] / best[f"ort-{S8}"]["decoder_step_ms"]
+        print(f"decoder step, uint8 weights (exact everywhere) / int8 weights (U8S8): {ratio:.2f}x")
     if "ort-int8" in best and reference:
         rtf = best["ort-int8"]["rtf"]
         print(f"target ORT int8 RTF <= 1.0: {rtf:.3f} {'PASS' if rtf <= 1.0 else 'FAIL'}")

@@ -11,9 +11,18 @@ bundle/
 
 Suffixes are transformers.js's (``_quantized`` = its ``q8`` dtype, ``_q4`` = ``q4``), so a per-file dtype map
 such as ``{text_encoder: "q8", decoder_model_merged: "q8", encodec_decode: "fp32"}`` picks them. 8-bit is
-ONNX Runtime's dynamic quantization (int8 weights, per-tensor scales for activations computed at run time);
-4-bit is ONNX Runtime's block-wise weight-only ``MatMulNBits``. Each decoder graph (first step and cached
-step) is quantized before the two are merged, so the merged graph shares one copy of every weight.
+ONNX Runtime's dynamic quantization with **uint8** weights (asymmetric, per output channel) and uint8 activations
+(per tensor, scale computed at run time): ``MatMulInteger`` U8U8. 4-bit is ONNX Runtime's block-wise weight-only
+``MatMulNBits``. Each decoder graph (first step and cached step) is quantized before the two are merged, so
+the merged graph shares one copy of every weight. ``manifest.json`` records the format (``quantization``).
+
+Why uint8 weights, not ONNX Runtime's default int8 (U8S8): on x86 CPUs with AVX2 or AVX-512 but without VNNI,
+the U8S8 kernel multiplies with VPMADDUBSW, whose pairwise 16-bit sums saturate (64 x 255 x 127 gives
+1,048,544 instead of 2,072,640); the tiny student's logits then err by 0.23 of their spread instead of 0.007.
+The session option that avoids it does not reach weights of an ``If`` graph (our merged decoder). U8U8 is
+computed exactly by every kernel (AVX2 widens to 16 bits first, VNNI, ARM NEON/dot-product, WASM), costs
+1.1-1.25x per decoder step over the saturating kernel and keeps the size; ``reduce_range`` (7-bit weights)
+avoids saturation too but loses more accuracy, and 8-bit ``MatMulNBits`` was slower (1.3-1.4x).
 """
 
 from __future__ import annotations
@@ -57,8 +66,30 @@ def graph_file(graph: str, precision: str) -> str:
     return f"onnx/{graph}{suffix}.onnx"
 
 
-def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Dynamic 8-bit quantization of MatMul weights (ONNX Runtime), per output channel."""
+# What each quantized precision is, as written into manifest.json (readers must not guess it from the file name).
+QUANTIZATION = {
+    "int8": {
+        "method": "onnxruntime.quantization.quantize_dynamic",
+        "op": "MatMulInteger",
+        "weights": "uint8, asymmetric, per output channel",
+        "activations": "uint8, asymmetric, per tensor, dynamic",
+        "kernel": "U8U8",
+    },
+    "int4": {
+        "method": "onnxruntime.quantization.MatMulNBitsQuantizer",
+        "op": "MatMulNBits",
+        "weights": f"4-bit, symmetric, blocks of {INT4_BLOCK_SIZE} along the input",
+        "activations": "int8 per block (accuracy_level 4)",
+    },
+}
+
+
+def quantize_int8(model: onnx.ModelProto, weights: str = "uint8") -> onnx.ModelProto:
+    """Dynamic 8-bit quantization of MatMul weights (ONNX Runtime), per output channel.
+
+    ``weights="uint8"`` (the bundle format): the U8U8 product is exact on every CPU. ``"int8"`` is ONNX Runtime's
+    default (U8S8), which saturates on AVX2 without VNNI (module docstring); kept for comparisons only.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
@@ -70,7 +101,11 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
             source, target = Path(scratch, "in.onnx"), Path(scratch, "out.onnx")
             onnx.save(model, source)
             quantize_dynamic(
-                source, target, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8
+                source,
+                target,
+                op_types_to_quantize=["MatMul"],
+                per_channel=True,
+                weight_type={"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[weights],
             )
             return onnx.load(target)
     finally:
@@ -212,6 +247,7 @@ def export_bundle(
         "opset": opset,
         "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
         "precisions": precisions,
+        "quantization": {p: QUANTIZATION[p] for p in precisions if p in QUANTIZATION},
         "graphs": list(GRAPHS),
         "files": files,
         "model": model_facts(model),
