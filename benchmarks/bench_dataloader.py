@@ -25,13 +25,13 @@ from types import SimpleNamespace
 import numpy as np
 import soundfile as sf
 import torch
-from bench_quant import encodec_32khz_config
 from torch.utils.data import DataLoader, Dataset
 from transformers import EncodecModel
 
 from tinymusician.data.audio import load_audio
 from tinymusician.data.datamodule import CaptionCollator, SegmentDataset, codec_hop, encode_audio
 from tinymusician.data.folder import FolderDataModule
+from tinymusician.models.musicgen import encodec_32khz_config
 from tinymusician.models.tiny import TinySpec, build_tokenizer, build_untrained_pair
 
 

@@ -39,8 +39,9 @@ def build_vggish(directory: Path) -> VGGishEmbedder:
 
 
 def build_encodec() -> EncodecEmbedder:
-    from bench_quant import encodec_32khz_config
     from transformers import EncodecModel
+
+    from tinymusician.models.musicgen import encodec_32khz_config
 
     config = encodec_32khz_config(use_causal_conv=False, norm_type="weight_norm", pad_mode="constant")
     return EncodecEmbedder("encodec_32khz (random weights)", codec=EncodecModel(config).eval())

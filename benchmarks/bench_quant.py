@@ -29,15 +29,12 @@ import time
 import torch
 import transformers
 from transformers import (
-    EncodecConfig,
     LogitsProcessor,
     LogitsProcessorList,
-    MusicgenConfig,
-    MusicgenDecoderConfig,
     MusicgenForConditionalGeneration,
-    T5Config,
 )
 
+from tinymusician.models.musicgen import musicgen_small_config
 from tinymusician.models.tiny import configure_generation
 from tinymusician.quant import (
     ReferenceLogits,
@@ -49,51 +46,10 @@ from tinymusician.quant import (
 )
 
 
-def encodec_32khz_config(**overrides) -> EncodecConfig:
-    """facebook/encodec_32khz's architecture (MusicGen's codec), random weights; ``overrides`` per benchmark."""
-    return EncodecConfig(
-        **{
-            "sampling_rate": 32000,
-            "audio_channels": 1,
-            "num_filters": 64,
-            "hidden_size": 128,
-            "upsampling_ratios": [8, 5, 4, 4],
-            "codebook_size": 2048,
-            "target_bandwidths": [2.2],
-            "num_lstm_layers": 2,
-            "normalize": False,
-            **overrides,
-        }
-    )
-
-
 def small_architecture() -> MusicgenForConditionalGeneration:
     """MusicGen-Small's architecture with random weights (587M parameters, about 2.4 GB in fp32)."""
-    text = T5Config(
-        vocab_size=32128,
-        d_model=768,
-        d_kv=64,
-        d_ff=3072,
-        num_layers=12,
-        num_heads=12,
-        feed_forward_proj="relu",
-    )
-    codec = encodec_32khz_config(use_causal_conv=False, compress=2)
-    decoder = MusicgenDecoderConfig(
-        vocab_size=2048,
-        num_codebooks=4,
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        ffn_dim=4096,
-        max_position_embeddings=2048,
-        pad_token_id=2048,
-        bos_token_id=2048,
-    )
     torch.manual_seed(0)
-    model = MusicgenForConditionalGeneration(
-        MusicgenConfig(text_encoder=text, audio_encoder=codec, decoder=decoder)
-    )
+    model = MusicgenForConditionalGeneration(musicgen_small_config())
     with torch.no_grad():  # a random EnCodec has all-zero codebooks; give the codes something to decode
         for layer in model.audio_encoder.quantizer.layers:
             layer.codebook.embed.normal_()

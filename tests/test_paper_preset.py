@@ -17,59 +17,17 @@ import pytest
 import torch
 from safetensors import safe_open
 from transformers import (
-    EncodecConfig,
-    MusicgenConfig,
-    MusicgenDecoderConfig,
     MusicgenForConditionalGeneration,
-    T5Config,
 )
 
 from tests.conftest import compose_train_cfg
-from tinymusician.models.musicgen import load_musicgen, save_musicgen
+from tinymusician.models.musicgen import load_musicgen, musicgen_small_config, save_musicgen
 from tinymusician.models.tiny import build_tokenizer, configure_generation
 from tinymusician.train import train
 
 pytestmark = pytest.mark.slow
 
 WATCHED = "decoder.lm_heads.0.weight"  # a trained tensor, compared before / after / reloaded
-
-
-def musicgen_small_config() -> MusicgenConfig:
-    """facebook/musicgen-small's architecture (configs only; the weights here are random)."""
-    text = T5Config(
-        vocab_size=32128,
-        d_model=768,
-        d_kv=64,
-        d_ff=3072,
-        num_layers=12,
-        num_heads=12,
-        feed_forward_proj="relu",
-    )
-    codec = EncodecConfig(
-        sampling_rate=32000,
-        audio_channels=1,
-        num_filters=64,
-        hidden_size=128,
-        upsampling_ratios=[8, 5, 4, 4],
-        codebook_size=2048,
-        target_bandwidths=[2.2],
-        num_lstm_layers=2,
-        use_causal_conv=False,
-        compress=2,
-        normalize=False,
-    )
-    decoder = MusicgenDecoderConfig(
-        vocab_size=2048,
-        num_codebooks=4,
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        ffn_dim=4096,
-        max_position_embeddings=2048,
-        pad_token_id=2048,
-        bos_token_id=2048,
-    )
-    return MusicgenConfig(text_encoder=text, audio_encoder=codec, decoder=decoder)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,13 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, MusicgenForConditionalGeneration, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from transformers import EncodecConfig, MusicgenConfig
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +27,55 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+
+
+def encodec_32khz_config(**overrides: Any) -> EncodecConfig:
+    """facebook/encodec_32khz's architecture (MusicGen's codec); ``overrides`` change single fields."""
+    from transformers import EncodecConfig
+
+    fields = {
+        "sampling_rate": 32000,
+        "audio_channels": 1,
+        "num_filters": 64,
+        "hidden_size": 128,
+        "upsampling_ratios": [8, 5, 4, 4],
+        "codebook_size": 2048,
+        "target_bandwidths": [2.2],
+        "num_lstm_layers": 2,
+        "normalize": False,
+    }
+    return EncodecConfig(**{**fields, **overrides})
+
+
+def musicgen_small_config() -> MusicgenConfig:
+    """facebook/musicgen-small's architecture (REFERENCES.md), for random-weight stand-ins offline.
+
+    Benchmarks and the paper-preset test build it instead of downloading the checkpoint.
+    """
+    from transformers import MusicgenConfig, MusicgenDecoderConfig, T5Config
+
+    text = T5Config(
+        vocab_size=32128,
+        d_model=768,
+        d_kv=64,
+        d_ff=3072,
+        num_layers=12,
+        num_heads=12,
+        feed_forward_proj="relu",
+    )
+    decoder = MusicgenDecoderConfig(
+        vocab_size=2048,
+        num_codebooks=4,
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        ffn_dim=4096,
+        max_position_embeddings=2048,
+        pad_token_id=2048,
+        bos_token_id=2048,
+    )
+    codec = encodec_32khz_config(use_causal_conv=False, compress=2)
+    return MusicgenConfig(text_encoder=text, audio_encoder=codec, decoder=decoder)
 
 
 class ModelSourceError(RuntimeError):

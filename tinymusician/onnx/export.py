@@ -28,7 +28,6 @@ avoids saturation too but loses more accuracy, and 8-bit ``MatMulNBits`` was slo
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import tempfile
@@ -44,6 +43,7 @@ from transformers import MusicgenForConditionalGeneration, PreTrainedTokenizerBa
 from tinymusician.models.musicgen import min_frames
 from tinymusician.onnx.graphs import decoder_spec, encodec_decode_spec, export_graph, text_encoder_spec
 from tinymusician.onnx.merge import merge_decoders
+from tinymusician.onnx.runtime import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +125,6 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = INT4_BLOCK_SIZE) -> 
 
 
 QUANTIZERS = {"fp32": lambda model: model, "int8": quantize_int8, "int4": quantize_int4}
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_facts(model: MusicgenForConditionalGeneration) -> dict[str, Any]:
@@ -234,7 +226,7 @@ def export_bundle(
             cached = quantize(onnx.load(traced["decoder_cached"]))
             record("decoder_model_merged", precision, merge_decoders(first, cached))
     for relative, entry in files.items():
-        entry["sha256"] = sha256(out / relative)
+        entry["sha256"] = file_sha256(out / relative)
 
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
