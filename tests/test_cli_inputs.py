@@ -196,7 +196,8 @@ def test_generate_refuses_too_many_seconds_before_generating(tiny_pair, tmp_path
 
 
 def test_torch_generate_limits_match_the_onnx_manifest(student, tokenizer):
-    from tinymusician.generate import max_frames, torch_generate
+    from tinymusician.generate import torch_generate
+    from tinymusician.models.musicgen import max_frames
     from tinymusician.onnx.export import model_facts
     from tinymusician.onnx.runtime import GenerationError
 

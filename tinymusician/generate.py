@@ -67,7 +67,7 @@ def torch_generate(
     """
     import torch
 
-    from tinymusician.models.musicgen import min_frames
+    from tinymusician.models.musicgen import max_frames, min_frames
 
     if any(not p.strip() for p in prompts) or not prompts:
         raise GenerationError("empty prompt: describe the music to generate")
@@ -141,13 +141,6 @@ def torch_generate(
             bar.close()
     audio = getattr(audio, "sequences", audio)
     return audio.float().mean(dim=1).cpu().numpy(), captured[0].cpu().numpy()
-
-
-def max_frames(model: Any) -> int:
-    """Longest clip in codec frames: the delayed sequence (frames + K - 1 steps) must fit the position table,
-    the same limit as the exported ONNX graph (manifest.json's max_frames)."""
-    decoder = model.decoder.config
-    return int(decoder.max_position_embeddings - decoder.num_codebooks + 1)
 
 
 def check_output(out: Path) -> None:

@@ -282,3 +282,10 @@ def min_frames(model: MusicgenForConditionalGeneration) -> int:
     """Shortest clip, in codec frames, that every backend generates: the delay pattern needs K frames, and the
     exported codec decoder's first convolution reflect-pads ``kernel_size - 1`` frames (7 at 50 Hz = 0.14 s)."""
     return max(model.decoder.config.num_codebooks, int(model.config.audio_encoder.kernel_size))
+
+
+def max_frames(model: MusicgenForConditionalGeneration) -> int:
+    """Longest clip in codec frames: the delayed sequence (frames + K - 1 steps) must fit the position table,
+    a fixed table in the exported graph too (manifest.json's max_frames), so every backend has this limit."""
+    decoder = model.decoder.config
+    return int(decoder.max_position_embeddings - decoder.num_codebooks + 1)

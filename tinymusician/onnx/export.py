@@ -40,7 +40,7 @@ import onnx
 import torch
 from transformers import MusicgenForConditionalGeneration, PreTrainedTokenizerBase
 
-from tinymusician.models.musicgen import min_frames
+from tinymusician.models.musicgen import max_frames, min_frames
 from tinymusician.onnx.graphs import decoder_spec, encodec_decode_spec, export_graph, text_encoder_spec
 from tinymusician.onnx.merge import merge_decoders
 from tinymusician.onnx.runtime import file_sha256
@@ -142,8 +142,7 @@ def model_facts(model: MusicgenForConditionalGeneration) -> dict[str, Any]:
         "sampling_rate": int(codec.sampling_rate),
         "frame_rate": int(codec.frame_rate),
         "min_frames": min_frames(model),
-        # Positions are a fixed table in the graph: the delayed sequence must fit in it.
-        "max_frames": decoder.max_position_embeddings - decoder.num_codebooks + 1,
+        "max_frames": max_frames(model),
     }
 
 
