@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def bad_inputs(tiny_pair, tmp_path_factory) -> dict[str, Path]:
     files = {name: root / f"{name}.ckpt" for name in ("crafted", "random", "no_state_dict", "no_student")}
     with files["crafted"].open("wb") as handle:
         pickle.dump({"state_dict": RunsCode(root / "PWNED")}, handle)
-    files["random"].write_bytes(os.urandom(4096))
+    files["random"].write_bytes(random.Random(0).randbytes(4096))  # fixed: random bytes fail in several ways
     torch.save({"weights": torch.zeros(2)}, files["no_state_dict"])
     torch.save({"state_dict": {"teacher.w": torch.zeros(2)}}, files["no_student"])
     student = load_musicgen(str(tiny_pair.student))
@@ -260,3 +261,10 @@ def test_generate_accepts_prompts_after_options(tmp_path):
 
     args = build_parser().parse_intermixed_args(["--model", "m", "first", "--seconds", "2", "second"])
     assert args.prompts == ["first", "second"] and args.seconds == 2.0
+
+
+def test_damaged_bytes_that_break_the_unpickler_are_a_clear_error(tmp_path):
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(random.Random(2).randbytes(4096))  # the weights-only unpickler fails with IndexError
+    with pytest.raises(ModelSourceError, match=r"damaged.ckpt: not a readable PyTorch checkpoint"):
+        read_student_state(damaged)

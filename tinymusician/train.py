@@ -38,6 +38,7 @@ from tinymusician.distill.module import (
 )
 from tinymusician.models.musicgen import ModelSourceError
 from tinymusician.models.pair import check_model_config, load_teacher_student
+from tinymusician.models.source import read_training_checkpoint
 from tinymusician.quant import check_quant_config
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,7 @@ START_UP_ERRORS = (ConfigError, ModelSourceError, EmptySplitError, BadSampleErro
 def check_resume_checkpoint(ckpt_path: str) -> None:
     """``ckpt_path`` must be a training checkpoint that loads as data; checked before any model loads.
 
-    ``torch.load(weights_only=True)`` refuses pickled code even when TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set
-    (that variable only changes calls that do not pass ``weights_only``); ``mmap`` keeps the check cheap.
+    Read as data by :func:`tinymusician.models.source.read_training_checkpoint` (never unpickles code).
     """
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
@@ -76,23 +76,9 @@ def check_resume_checkpoint(ckpt_path: str) -> None:
             "(or checkpoints/interrupted.ckpt), or drop ckpt_path to start a new run"
         )
     try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) file
-    except Exception as err:
-        raise ConfigError(
-            f"ckpt_path={ckpt_path}: does not load as data with torch.load(weights_only=True), so it is not "
-            f"resumed (it may contain code). Resume only from checkpoints written by tinymusician.train. "
-            f"Cause: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        ) from err
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not state or not any(str(key).startswith("student.") for key in state):
-        raise ConfigError(
-            f"ckpt_path={ckpt_path}: no 'student.*' weights; not a tinymusician.train checkpoint"
-        )
+        checkpoint = read_training_checkpoint(path)
+    except ModelSourceError as err:
+        raise ConfigError(f"ckpt_path={ckpt_path}: not resumed: {err}") from err
     if "optimizer_states" not in checkpoint or "loops" not in checkpoint:
         raise ConfigError(
             f"ckpt_path={ckpt_path}: a weights-only checkpoint (no optimizer/loop state) cannot resume training. "

@@ -27,12 +27,15 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
+STUDENT_PREFIX = "student."
 CHECKPOINT = "a Lightning checkpoint written by `python -m tinymusician.train` (<run>/checkpoints/last.ckpt)"
 
 
-def read_student_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The ``student.*`` weights of a training checkpoint, read as data: ``torch.load(weights_only=True)``
-    refuses anything that is not tensors and containers, so a crafted pickle never runs."""
+def read_training_checkpoint(checkpoint: Path) -> dict[str, Any]:
+    """A training checkpoint holding ``student.*`` weights, read as data: ``torch.load(weights_only=True)``
+    refuses anything that is not tensors and containers, so a crafted pickle never runs (an explicit
+    ``weights_only`` holds even with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD set); ``mmap`` keeps a multi-GB check cheap.
+    Shared by the model sources below and ``train``'s resume check."""
     import pickle
     import warnings
 
@@ -41,15 +44,19 @@ def read_student_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "pickle protocol 4": the error below says more
-            data = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            try:
+                data = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # not a zip file (legacy format, or not PyTorch): the plain load says which
+                data = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         cause = str(err).partition("WeightsUnpickler error:")[2].strip().splitlines() or [first_line(err)]
         raise ModelSourceError(
             f"{checkpoint}: not loaded: it is not a TinyMusician checkpoint (a pickle holding more than tensors, or "
-            f"not a PyTorch file at all: {cause[0]}); loading it as a full pickle could run code it carries. "
-            f"Expected {CHECKPOINT}, a save_pretrained directory, a hub id or `tiny`"
+            f"not a PyTorch file at all: {cause[0]}); loading it as a full pickle could run code it carries, so "
+            f"it is only read with torch.load(weights_only=True). Expected {CHECKPOINT}, a save_pretrained "
+            "directory, a hub id or `tiny`"
         ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # damaged bytes reach the unpickler as IndexError, KeyError, ...
         raise ModelSourceError(
             f"{checkpoint}: not a readable PyTorch checkpoint ({first_line(err)}; truncated or damaged?). "
             f"Expected {CHECKPOINT}"
@@ -61,15 +68,19 @@ def read_student_state(checkpoint: Path) -> dict[str, torch.Tensor]:
             f"{checkpoint}: has no 'state_dict' (found {found}), so it is not a Lightning checkpoint. Expected "
             f"{CHECKPOINT}; for a save_pretrained directory pass the directory"
         )
-    prefix = "student."
-    student_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    if not student_state:
+    if not any(str(key).startswith(STUDENT_PREFIX) for key in state):
         prefixes = sorted({str(k).split(".")[0] for k in state})[:6]
         raise ModelSourceError(
             f"{checkpoint}: no 'student.*' weights (its state_dict has {prefixes or 'nothing'}); is it a "
             f"TinyMusician training checkpoint? Expected {CHECKPOINT}"
         )
-    return student_state
+    return data
+
+
+def read_student_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The ``student.*`` weights of a training checkpoint (:func:`read_training_checkpoint`), prefix removed."""
+    state = read_training_checkpoint(checkpoint)["state_dict"]
+    return {k[len(STUDENT_PREFIX) :]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
 
 
 def load_source(
@@ -81,7 +92,6 @@ def load_source(
     Anything else raises :class:`~tinymusician.models.musicgen.ModelSourceError` naming the path and what
     was expected, before any weights load when possible.
     """
-    import transformers
 
     from tinymusician.models.musicgen import (
         ModelSourceError,
@@ -89,7 +99,7 @@ def load_source(
         load_musicgen,
         load_tokenizer,
     )
-    from tinymusician.models.pair import TINY, resolve_sources
+    from tinymusician.models.pair import TINY, quiet_transformers, resolve_sources
 
     if quantized and source != TINY:
         from tinymusician.quant.bundle import is_bundle, load_quantized
@@ -116,13 +126,9 @@ def load_source(
         with_tiny.student, with_tiny.teacher = TINY, None
         architecture, _ = resolve_sources(with_tiny, cfg.paths.cache_dir)
     check_model_source(architecture, "--base" if checkpoint is not None else key)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # MusicGen's pad id == vocab size is by design
-    try:
+    with quiet_transformers():
         student = load_musicgen(architecture)
         tokenizer = load_tokenizer(architecture)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
     if student_state is not None:
         try:
             # A run with checkpoint_frozen=false leaves the frozen T5 / EnCodec out of its checkpoints: they are
