@@ -32,7 +32,7 @@ from tinymusician.data.audio import load_audio
 from tinymusician.data.datamodule import CaptionCollator, SegmentDataset, codec_hop, encode_audio
 from tinymusician.data.folder import FolderDataModule
 from tinymusician.models.musicgen import encodec_32khz_config
-from tinymusician.models.tiny import TinySpec, build_tokenizer, build_untrained_pair
+from tinymusician.zoo.tiny import TinySpec, build_tokenizer, build_untrained_pair
 
 
 def build_codec(name: str) -> SimpleNamespace:

@@ -100,7 +100,7 @@ def worker(args: argparse.Namespace) -> None:
     else:
         import torch
 
-        from tinymusician.generate import torch_generate
+        from tinymusician.models.generation import torch_generate
         from tinymusician.models.musicgen import load_musicgen, load_tokenizer
 
         torch.set_num_threads(args.threads)
@@ -137,8 +137,8 @@ def prepare(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path, dict]:
     from bench_quant import small_architecture
 
     from tinymusician.models.musicgen import load_musicgen, load_tokenizer, save_musicgen
-    from tinymusician.models.tiny import ensure_tiny_pair
     from tinymusician.onnx.export import export_bundle
+    from tinymusician.zoo.tiny import ensure_tiny_pair
 
     tiny = ensure_tiny_pair().student
     model = load_musicgen(str(tiny)) if args.tiny else small_architecture()

@@ -35,7 +35,6 @@ from transformers import (
 )
 
 from tinymusician.models.musicgen import musicgen_small_config
-from tinymusician.models.tiny import configure_generation
 from tinymusician.quant import (
     ReferenceLogits,
     SearchConfig,
@@ -44,6 +43,7 @@ from tinymusician.quant import (
     resolve_plan,
     search_plan,
 )
+from tinymusician.zoo.tiny import configure_generation
 
 
 def small_architecture() -> MusicgenForConditionalGeneration:
@@ -63,7 +63,7 @@ def load_model(args: argparse.Namespace) -> MusicgenForConditionalGeneration:
     if args.model:
         return load_musicgen(args.model).eval()
     if args.tiny:
-        from tinymusician.models.tiny import ensure_tiny_pair
+        from tinymusician.zoo.tiny import ensure_tiny_pair
 
         return load_musicgen(str(ensure_tiny_pair().student)).eval()
     return small_architecture()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tinymusician.models.musicgen import ModelSourceError
-from tinymusician.models.source import load_named_model, read_student_state
+from tinymusician.zoo.source import load_named_model, read_student_state
 
 
 class RunsCode:
@@ -197,7 +197,7 @@ def test_generate_refuses_too_many_seconds_before_generating(tiny_pair, tmp_path
 
 
 def test_torch_generate_limits_match_the_onnx_manifest(student, tokenizer):
-    from tinymusician.generate import torch_generate
+    from tinymusician.models.generation import torch_generate
     from tinymusician.models.musicgen import max_frames
     from tinymusician.onnx.export import model_facts
     from tinymusician.onnx.runtime import GenerationError

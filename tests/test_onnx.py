@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tinymusician.generate import main as generate_main
-from tinymusician.generate import torch_generate
+from tinymusician.models.generation import torch_generate
 from tinymusician.onnx.export import export_bundle
 from tinymusician.onnx.graphs import DecoderGraph, EncodecDecodeGraph, TextEncoderGraph, past_names
 from tinymusician.onnx.runtime import (

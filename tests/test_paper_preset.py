@@ -22,8 +22,8 @@ from transformers import (
 
 from tests.conftest import compose_train_cfg
 from tinymusician.models.musicgen import load_musicgen, musicgen_small_config, save_musicgen
-from tinymusician.models.tiny import build_tokenizer, configure_generation
 from tinymusician.train import train
+from tinymusician.zoo.tiny import build_tokenizer, configure_generation
 
 pytestmark = pytest.mark.slow
 

@@ -175,7 +175,7 @@ def test_checkpoint_without_frozen_weights_is_smaller_and_resumes(tmp_path, tiny
     state = objects["module"].state_dict()
     assert all(torch.equal(state[k], v) for k, v in frozen.items())
     # quantize / export / generate read such a checkpoint too: the frozen parts come from its student/ dir
-    from tinymusician.models.source import load_named_model
+    from tinymusician.zoo.source import load_named_model
 
     student, _, described = load_named_model(str(last))
     trained = objects["module"].student.state_dict()

@@ -33,6 +33,7 @@ from tinymusician.metrics.embedders import (
     build_embedder,
 )
 from tinymusician.metrics.fad import FrechetAudioDistance, save_stats
+from tinymusician.zoo.source import add_base_argument
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +114,11 @@ def generate_audio(
 ) -> GeneratedSet:
     """Sample audio for each prompt with MusicGen's ``generate`` (sampling + classifier-free guidance).
 
-    Each clip is ``round(seconds * frame_rate)`` codec frames long (:func:`tinymusician.generate.torch_generate`);
+    Each clip is ``round(seconds * frame_rate)`` codec frames long (:func:`tinymusician.models.generation.torch_generate`);
     the global RNG is seeded inside a fork, so training's RNG stream is untouched. The model is put in eval
     mode for the call and restored afterwards.
     """
-    from tinymusician.generate import torch_generate
+    from tinymusician.models.generation import torch_generate
     from tinymusician.models.musicgen import min_frames
 
     if seconds <= 0:
@@ -404,9 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="MusicGen to generate with: save_pretrained dir, hub id, `tiny`, a training .ckpt, or a quantized bundle",
     )
     what.add_argument("--audio-dir", help="folder of WAVs to score (CLAP needs its metadata.jsonl captions)")
-    parser.add_argument(
-        "--base", default=None, help="architecture/tokenizer for a .ckpt --model (default: <run>/student)"
-    )
+    add_base_argument(parser, "a .ckpt --model")
     parser.add_argument(
         "--reference", help="reference: folder of WAVs, or a statistics file from --save-stats"
     )
@@ -506,8 +505,8 @@ def run(args: argparse.Namespace) -> int:
 
     model = tokenizer = None
     if args.model:
-        from tinymusician.models.source import load_named_model
         from tinymusician.quant.ptq import PLAN_ATTRIBUTE
+        from tinymusician.zoo.source import load_named_model
 
         model, tokenizer, description = load_named_model(args.model, args.base, key="--model", quantized=True)
         log.info("evaluating %s", description)

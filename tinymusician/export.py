@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tinymusician.onnx.export import DEFAULT_OPSET, PRECISIONS, ExportError, export_bundle
+from tinymusician.zoo.source import add_base_argument
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--precision", nargs="+", default=["fp32"], choices=list(PRECISIONS), help="graph precisions to write"
     )
-    parser.add_argument(
-        "--base", default=None, help="architecture/tokenizer for a .ckpt (default: <run>/student)"
-    )
+    add_base_argument(parser)
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--max-text-tokens", type=int, default=256, help="longer prompts are truncated")
     parser.add_argument("--no-check", action="store_true", help="skip the parity and generation check")
@@ -40,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from tinymusician.models.source import load_named_model
     from tinymusician.onnx.check import check_bundle
+    from tinymusician.zoo.source import load_named_model
 
     try:
         model, tokenizer, description = load_named_model(args.model, args.base, key="MODEL")

@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from tinymusician.onnx.runtime import BundleError, GenerationError, TinyMusicianONNX
+from tinymusician.models.generation import GenerationError, torch_generate
+from tinymusician.onnx.runtime import BundleError, TinyMusicianONNX
+from tinymusician.zoo.source import add_base_argument
 
 log = logging.getLogger(__name__)
 
@@ -45,102 +47,6 @@ def write_wavs(out: Path, audio: np.ndarray, sample_rate: int) -> list[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         sf.write(str(path), np.clip(clip, -1.0, 1.0), sample_rate, subtype="PCM_16")
     return paths
-
-
-def torch_generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    frames: int,
-    *,
-    guidance_scale: float = 3.0,
-    do_sample: bool = True,
-    temperature: float = 1.0,
-    top_k: int = 250,
-    seed: int | None = None,
-    max_text_tokens: int = 256,
-    progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """transformers' ``generate`` for exactly ``frames`` codec frames -> (audio ``[B, samples]``, codes ``[B, K, T]``).
-
-    The codes are taken where ``generate`` hands them to the codec decoder, so they are transformers' own.
-    """
-    import torch
-
-    from tinymusician.models.musicgen import max_frames, min_frames
-
-    if any(not p.strip() for p in prompts) or not prompts:
-        raise GenerationError("empty prompt: describe the music to generate")
-    num_codebooks = model.decoder.config.num_codebooks
-    rate = int(model.config.audio_encoder.frame_rate)
-    if frames < min_frames(model):
-        raise GenerationError(
-            f"{frames} frames is too short: at least {min_frames(model)} ({min_frames(model) / rate:.2f} s at "
-            f"{rate} Hz); ask for more seconds"
-        )
-    most = max_frames(model)
-    if frames > most:
-        raise GenerationError(
-            f"{frames} frames ({frames / rate:.1f} s at {rate} Hz) is too long: the decoder's position table "
-            f"(max_position_embeddings={model.decoder.config.max_position_embeddings}) holds at most {most} "
-            f"frames ({most / rate:.1f} s), as in the ONNX bundle; ask for fewer seconds"
-        )
-    text = tokenizer(
-        list(prompts), padding=True, truncation=True, max_length=max_text_tokens, return_tensors="pt"
-    ).to(next(model.parameters()).device)
-    captured: list[torch.Tensor] = []
-    codec = model.audio_encoder
-    patched = "decode" in vars(codec)  # someone else's instance-level patch, restored afterwards
-    previous = vars(codec).get("decode")
-    original_decode = codec.decode
-
-    def decode(audio_codes: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        captured.append(audio_codes[0].clone())
-        return original_decode(audio_codes, *args, **kwargs)
-
-    bar = None
-    streamer = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=frames + num_codebooks - 1, desc="Generating", unit="step")
-
-        class Progress:  # transformers' streamer protocol: put() per step (the BOS first), end() at the end
-            first = True
-
-            def put(self, value: torch.Tensor) -> None:
-                if self.first:
-                    self.first = False
-                    return
-                bar.update(1)
-
-            def end(self) -> None:
-                pass
-
-        streamer = Progress()
-    codec.decode = decode
-    try:
-        with torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
-            audio = model.generate(
-                **text,
-                do_sample=do_sample,
-                guidance_scale=guidance_scale,
-                temperature=temperature if do_sample else None,
-                top_k=top_k if do_sample else None,
-                max_new_tokens=frames + num_codebooks - 1,
-                streamer=streamer,
-            )
-    finally:
-        if patched:
-            codec.decode = previous
-        else:
-            del codec.decode  # back to the class method
-        if bar is not None:
-            bar.close()
-    audio = getattr(audio, "sequences", audio)
-    return audio.float().mean(dim=1).cpu().numpy(), captured[0].cpu().numpy()
 
 
 def check_output(out: Path) -> None:
@@ -177,7 +83,7 @@ def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
 def run_torch(args: argparse.Namespace) -> tuple[np.ndarray, int, dict[str, float]]:
     import torch
 
-    from tinymusician.models.source import load_named_model
+    from tinymusician.zoo.source import load_named_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -245,9 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="bundle only: check graph sizes but not their sha256 (hashed once per file and remembered)",
     )
-    parser.add_argument(
-        "--base", default=None, help="architecture/tokenizer for a .ckpt (default: <run>/student)"
-    )
+    add_base_argument(parser)
     parser.add_argument(
         "--threads",
         type=int,

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-from tinymusician.models.source import compose_config, load_source
 from tinymusician.quant.config import check_quant_config
 from tinymusician.quant.plan import PlanError, known_plan_names
+from tinymusician.zoo.source import add_base_argument, compose_config, load_source
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "e.g. quant=paper data.num_val=16 (any order, before or after the options)",
     )
     parser.add_argument("--out", type=Path, default=None, help="bundle + report directory")
-    parser.add_argument(
-        "--base", default=None, help="architecture/tokenizer for a .ckpt (default: <run>/student)"
-    )
+    add_base_argument(parser)
     parser.add_argument("--prompt", default=TEMPLATE, help="prompt of the generation check")
     parser.add_argument("--check-tokens", type=int, default=16, help="tokens generated as a check (0: skip)")
     args = parser.parse_intermixed_args(argv)

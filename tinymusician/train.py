@@ -37,9 +37,9 @@ from tinymusician.distill.module import (
     validation_metric_keys,
 )
 from tinymusician.models.musicgen import ModelSourceError
-from tinymusician.models.pair import check_model_config, load_teacher_student
-from tinymusician.models.source import read_training_checkpoint
 from tinymusician.quant import check_quant_config
+from tinymusician.zoo.pair import check_model_config, load_teacher_student
+from tinymusician.zoo.source import read_training_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ START_UP_ERRORS = (ConfigError, ModelSourceError, EmptySplitError, BadSampleErro
 def check_resume_checkpoint(ckpt_path: str) -> None:
     """``ckpt_path`` must be a training checkpoint that loads as data; checked before any model loads.
 
-    Read as data by :func:`tinymusician.models.source.read_training_checkpoint` (never unpickles code).
+    Read as data by :func:`tinymusician.zoo.source.read_training_checkpoint` (never unpickles code).
     """
     path = Path(ckpt_path).expanduser()
     if not path.is_file():

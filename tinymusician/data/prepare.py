@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tinymusician.data.datamodule import CodesDataModule, EmptySplitError, format_report
 from tinymusician.models.musicgen import ModelSourceError, load_musicgen
-from tinymusician.models.pair import check_model_config, resolve_sources
+from tinymusician.zoo.pair import check_model_config, resolve_sources
 
 log = logging.getLogger(__name__)
 

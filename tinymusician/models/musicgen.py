@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -276,6 +277,11 @@ def codec_decode(model: MusicgenForConditionalGeneration, codes: torch.Tensor) -
     """Codes ``[B, K, T]`` -> audio ``[B, samples]``."""
     audio = model.audio_encoder.decode(codes[None], [None]).audio_values
     return audio[:, 0]
+
+
+def codec_hop(config: EncodecConfig) -> int:
+    """Audio samples per codec frame (320 for the tiny codec at 16 kHz, 640 for EnCodec 32 kHz)."""
+    return math.prod(int(r) for r in config.upsampling_ratios)
 
 
 def min_frames(model: MusicgenForConditionalGeneration) -> int:

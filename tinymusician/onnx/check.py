@@ -156,7 +156,7 @@ def check_bundle(
     """
     from transformers import AutoTokenizer
 
-    from tinymusician.generate import torch_generate
+    from tinymusician.models.generation import torch_generate
 
     tokenizer = AutoTokenizer.from_pretrained(str(bundle))
     frames = max(int(read_manifest(Path(bundle))["model"]["min_frames"]), 25)

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from tinymusician.models.generation import GenerationError
+
 log = logging.getLogger(__name__)
 
 GRAPHS = ("text_encoder", "decoder_model_merged", "encodec_decode")
@@ -42,10 +44,6 @@ REEXPORT = "re-export it with `python -m tinymusician.export MODEL --out DIR`"
 
 class BundleError(ValueError):
     """A bundle that cannot be used as it is; the message names the file and how to fix it."""
-
-
-class GenerationError(ValueError):
-    """Generation arguments that cannot work (empty prompt, too short or too long)."""
 
 
 # --- the delay pattern (NumPy twin of tinymusician.models.delay, for a runtime without torch) -------------

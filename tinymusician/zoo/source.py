@@ -5,21 +5,32 @@ Shared by the quantize, export and generate command lines, so every entry point 
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+if TYPE_CHECKING:  # torch and Hydra load on use: the generate CLI shares --base without importing torch
+    import torch
+    from omegaconf import DictConfig
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+def add_base_argument(parser: argparse.ArgumentParser, what: str = "a .ckpt") -> None:
+    """``--base``: where the architecture and tokenizer of a training checkpoint come from (every CLI that
+    takes a model accepts it the same way)."""
+    parser.add_argument(
+        "--base", default=None, help=f"architecture/tokenizer for {what} (default: <run>/student)"
+    )
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -38,6 +49,8 @@ def read_training_checkpoint(checkpoint: Path) -> dict[str, Any]:
     Shared by the model sources below and ``train``'s resume check."""
     import pickle
     import warnings
+
+    import torch
 
     from tinymusician.models.musicgen import ModelSourceError, first_line
 
@@ -99,7 +112,7 @@ def load_source(
         load_musicgen,
         load_tokenizer,
     )
-    from tinymusician.models.pair import TINY, quiet_transformers, resolve_sources
+    from tinymusician.zoo.pair import TINY, quiet_transformers, resolve_sources
 
     if quantized and source != TINY:
         from tinymusician.quant.bundle import is_bundle, load_quantized

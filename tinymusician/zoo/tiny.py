@@ -10,7 +10,7 @@ and later runs load it through the same ``from_pretrained`` path as the real hub
 4. the teacher trained with cross-entropy on its own synthetic clips (a different seed from the default
    distillation corpus), so that distillation has a real signal.
 
-``python -m tinymusician.models.tiny [--force]`` (re)builds the default pair and prints where it is.
+``python -m tinymusician.zoo.tiny [--force]`` (re)builds the default pair and prints where it is.
 """
 
 from __future__ import annotations

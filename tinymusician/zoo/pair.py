@@ -21,7 +21,7 @@ from tinymusician.models.musicgen import (
     load_tokenizer,
     looks_like_path,
 )
-from tinymusician.models.tiny import TinySpec, build_tokenizer, ensure_tiny_pair, musicgen_config
+from tinymusician.zoo.tiny import TinySpec, build_tokenizer, ensure_tiny_pair, musicgen_config
 
 log = logging.getLogger(__name__)
 

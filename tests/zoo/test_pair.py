@@ -12,17 +12,17 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from transformers import MusicgenConfig, T5Config
 
-import tinymusician.models.pair as pair
+import tinymusician.zoo.pair as pair
 from tests.conftest import FAST_TINY, compose_train_cfg
 from tinymusician.models.musicgen import load_musicgen
-from tinymusician.models.pair import (
+from tinymusician.train import train
+from tinymusician.zoo.pair import (
     IncompatiblePairError,
     check_compatible,
     check_model_config,
     pair_differences,
 )
-from tinymusician.models.tiny import TinySpec, build_tokenizer, musicgen_config
-from tinymusician.train import train
+from tinymusician.zoo.tiny import TinySpec, build_tokenizer, musicgen_config
 
 
 def tiny_model_cfg(**values):
