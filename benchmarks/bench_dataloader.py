@@ -29,9 +29,10 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import EncodecModel
 
 from tinymusician.data.audio import load_audio
-from tinymusician.data.datamodule import CaptionCollator, SegmentDataset, codec_hop, encode_audio
+from tinymusician.data.codec_tokens import encode_audio
 from tinymusician.data.folder import FolderDataModule
-from tinymusician.models.musicgen import encodec_32khz_config
+from tinymusician.data.segments import CaptionCollator, SegmentDataset
+from tinymusician.models.musicgen import codec_hop, encodec_32khz_config
 from tinymusician.zoo.tiny import TinySpec, build_tokenizer, build_untrained_pair
 
 
@@ -112,7 +113,7 @@ def main() -> None:
 
     model = build_codec(args.codec)
     codec = model.audio_encoder
-    rate, hop = codec.config.sampling_rate, codec_hop(codec)
+    rate, hop = codec.config.sampling_rate, codec_hop(codec.config)
     params = sum(p.numel() for p in codec.parameters()) / 1e6
     with tempfile.TemporaryDirectory() as tmp:
         root, cache = Path(tmp) / "music", Path(tmp) / "cache"

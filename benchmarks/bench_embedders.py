@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from tinymusician.metrics.audio import prepare_clips
-from tinymusician.metrics.embedders import ClapEmbedder, EncodecEmbedder, VGGish, VGGishEmbedder
+from tinymusician.metrics.embedders import ClapEmbedder, EncodecEmbedder, VGGishEmbedder
+from tinymusician.metrics.vggish import VGGish
 
 
 def build_clap() -> ClapEmbedder:

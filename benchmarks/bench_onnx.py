@@ -35,12 +35,12 @@ S8 = "int8-s8"  # the comparison-only precision: int8 (U8S8) weights, exported a
 
 
 def register_s8() -> None:
-    """Teach the exporter (this process only) the comparison precision."""
+    """Teach the exporter the comparison precision (this process only; each backend loads in its own)."""
     from functools import partial
 
-    from tinymusician.onnx import export
+    from tinymusician.onnx import export, layout
 
-    export.PRECISIONS[S8] = "_int8"
+    layout.PRECISIONS[S8] = "_int8"
     export.QUANTIZERS[S8] = partial(export.quantize_int8, weights="int8")
 
 
@@ -50,7 +50,7 @@ def split_s8(bundle: Path, manifest: dict) -> dict:
     import os
     import shutil
 
-    from tinymusician.onnx.export import QUANTIZABLE, graph_file
+    from tinymusician.onnx.layout import QUANTIZABLE, graph_file
 
     other = bundle.with_name(f"{bundle.name}-s8")
     shutil.copytree(bundle, other, copy_function=os.link)
@@ -157,7 +157,7 @@ def prepare(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path, dict]:
 
 
 def bundle_mb(manifest: dict, precision: str) -> float:
-    from tinymusician.onnx.export import GRAPHS, graph_file
+    from tinymusician.onnx.layout import GRAPHS, graph_file
 
     return sum(manifest["files"][graph_file(g, precision)]["bytes"] for g in GRAPHS) / 1e6
 

@@ -148,7 +148,7 @@ def tiny_clap_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vggish_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A narrow VGGish with random weights, saved as a torchvggish-style state dict (.pth)."""
-    from tinymusician.metrics.embedders import VGGish
+    from tinymusician.metrics.vggish import VGGish
 
     torch.manual_seed(0)
     model = VGGish(channels=(4, 8, 8, 8, 16, 16), hidden=32, dim=12)

@@ -189,7 +189,8 @@ def test_codebook_metric_beyond_the_students_codebooks_fails_before_training(tmp
 
 
 def test_declared_quant_keys_cover_the_reported_ones():
-    from tinymusician.callbacks.quantize import QuantizeCallback, report_metrics
+    from tinymusician.callbacks.quantize import QuantizeCallback
+    from tinymusician.quant.job import report_metrics
     from tinymusician.train import metric_pattern
 
     sizes = {"text_encoder": 1.0, "decoder": 1.0, "codec": 1.0, "total": 3.0}

@@ -14,7 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tinymusician.onnx.export import DEFAULT_OPSET, PRECISIONS, ExportError, export_bundle
+from tinymusician.onnx.export import DEFAULT_OPSET, ExportError, export_bundle
+from tinymusician.onnx.layout import PRECISIONS
 from tinymusician.zoo.source import add_base_argument
 
 log = logging.getLogger(__name__)

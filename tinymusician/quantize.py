@@ -3,9 +3,9 @@
 SOURCE is a ``save_pretrained`` directory, a hub id, ``tiny`` (the embedded default student) or a Lightning
 ``.ckpt`` of a training run. The other ``key=value`` arguments are Hydra overrides of ``conf/train.yaml``,
 as for training: ``quant=paper|int8|adaptive`` picks the plan (required), ``quant.search.min_top1_agree=0.9``
-tunes it, ``data.*`` chooses the held-out clips the fidelity is measured on. The same
-:class:`~tinymusician.callbacks.quantize.QuantizeCallback` as in training does the work, so the bundle and
-``quant_report.json`` are identical; the bundle is then loaded back and generates a short clip as a check.
+tunes it, ``data.*`` chooses the held-out clips the fidelity is measured on. The same job as in training
+(:class:`~tinymusician.quant.job.QuantizeJob`) does the work, so the bundle and ``quant_report.json`` are
+identical; the bundle is then loaded back and generates a short clip as a check.
 Overrides, SOURCE and options may come in any order (``SOURCE --out DIR quant=paper`` works too).
 """
 
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-from tinymusician.quant.config import check_quant_config
+from tinymusician.quant.config import QUANT_TARGET, quantization_options
+from tinymusician.quant.job import QuantizeJob
 from tinymusician.quant.plan import PlanError, known_plan_names
 from tinymusician.zoo.source import add_base_argument, compose_config, load_source
 
@@ -105,13 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = (args.out or Path("quantized") / f"{name}-{plan}").resolve()
     try:
         cfg = compose_config(overrides, output_dir)
-        check_quant_config(cfg.quant)
+        options = quantization_options(cfg.quant)
     except HydraException as err:
         return fail(f"overrides {overrides}: {err}")
     except PlanError as err:
         return fail(f"quant: {err}")
     if "_target_" not in cfg.quant:
         return fail("quant=none does nothing; choose quant=paper|int8|adaptive")
+    if options is None:
+        return fail(f"quant._target_={cfg.quant._target_}: this command runs {QUANT_TARGET}'s job only")
 
     try:
         student, tokenizer, description = load_source(args.source, cfg, args.base)
@@ -120,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     datamodule = instantiate(cfg.data)
     datamodule.attach(student, tokenizer)
     datamodule.setup("validate")
-    callback = instantiate(cfg.quant)
-    report = callback.run(student, tokenizer, datamodule, output_dir, source=description)
+    job = QuantizeJob(options)
+    report = job.run(student, tokenizer, datamodule, output_dir, source=description)
     if report["status"] != "ok":
-        print(f"Quantization failed: {report['error']} (report: {callback.report_path})", file=sys.stderr)
+        print(f"Quantization failed: {report['error']} (report: {job.report_path})", file=sys.stderr)
         return 1
     size, fidelity = report["size"], report["fidelity"]
     lines = [
@@ -138,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{100 * size['reduction']['deployed']:.1f}%)",
         f"  fidelity          top-1 agreement {fidelity['top1_agree']:.4f}, KL {fidelity['kl']:.2e}, "
         f"max |logit diff| {fidelity['max_logit_diff']:.3g} ({fidelity['positions']} held-out positions)",
-        f"  bundle            {callback.bundle_dir}  (tinymusician.quant.load_quantized(dir))",
-        f"  report            {callback.report_path}",
+        f"  bundle            {job.bundle_dir}  (tinymusician.quant.load_quantized(dir))",
+        f"  report            {job.report_path}",
     ]
     if args.check_tokens > 0:
         try:

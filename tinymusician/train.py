@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tinymusician.callbacks.interrupt import CheckpointOnInterrupt
 from tinymusician.callbacks.save_student import SaveStudent
+from tinymusician.config import to_plain
 from tinymusician.data.audio import BadSampleError
 from tinymusician.data.datamodule import CodesDataModule, EmptySplitError
 from tinymusician.distill.losses import DistillationLoss
@@ -181,6 +182,7 @@ def count_parameters(model: torch.nn.Module | None, trainable: bool = False) -> 
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a Lightning metrics dict (tensors included) as floats, for the run's summary."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))}
 
 
@@ -223,7 +225,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(to_plain(cfg))
 
     before: dict[str, float] = {}
     start = time.perf_counter()

@@ -13,8 +13,9 @@ import torch
 
 from tests.conftest import FAST_OVERRIDES, compose_train_cfg
 from tinymusician.data.audio import AUDIO_EXTENSIONS, BadSampleError
-from tinymusician.data.datamodule import EmptySplitError, hash_split, skipped_by_reason
+from tinymusician.data.datamodule import EmptySplitError
 from tinymusician.data.folder import FolderDataModule
+from tinymusician.data.listing import hash_split
 from tinymusician.train import ConfigError, check_config, train
 
 # FAST_OVERRIDES without the synthetic corpus's keys, which data=folder does not have.
@@ -180,15 +181,6 @@ def test_columns_come_from_the_valid_lines_and_the_csv_header(tmp_path):
     (tmp_path / "metadata.csv").write_bytes(b"file_name,text\na.wav,caf\xe9\n")
     with pytest.raises(ValueError, match="metadata.csv is not UTF-8 text .*save it as UTF-8"):
         FolderDataModule(root=str(tmp_path))
-
-
-def test_hash_split_is_stable_and_close_to_the_fraction(tmp_path):
-    ids = [f"album{i // 10}/track{i}.flac" for i in range(2000)]
-    splits = [hash_split(clip_id, 0.1) for clip_id in ids]
-    assert splits == [hash_split(clip_id, 0.1) for clip_id in ids]
-    assert 0.08 < splits.count("val") / len(ids) < 0.12
-    # growing the dataset never moves an existing clip between splits
-    assert [hash_split(clip_id, 0.1) for clip_id in ids[:500]] == splits[:500]
 
 
 def test_small_folder_still_gets_one_val_clip(tmp_path):
@@ -362,19 +354,3 @@ def test_training_runs_on_a_folder_dataset(tmp_path, tiny_pair, capsys):
     assert out.index("Usable clips (FolderDataModule)") < out.index("finished: 4 steps")
     assert objects["summary"]["steps"] == 4
     assert np.isfinite(metrics["val/ce"]) and np.isfinite(metrics["train/loss"])
-
-
-def test_reason_kinds_keep_values_and_counts_out_of_the_key():
-    bad = [
-        {"reason": "non-finite samples: 100 NaN/inf samples"},
-        {"reason": "contains 7 NaN/inf samples"},  # as caches written before issue 11 say it
-        {"reason": "unknown split: 'holdout' (use train, validation or test)"},
-        {"reason": "duplicate: a.wav is already listed at metadata.jsonl:1 (that row is kept)"},
-        {"reason": "too short: 0.200 s < 0.500 s (data.min_seconds)"},
-    ]
-    assert skipped_by_reason(bad) == {
-        "non-finite samples": 2,
-        "unknown split": 1,
-        "duplicate": 1,
-        "too short": 1,
-    }

@@ -18,7 +18,7 @@ from tinymusician.metrics import (
     build_embedder,
     resample,
 )
-from tinymusician.metrics.embedders import VGGish, vggish_examples, vggish_mel_matrix
+from tinymusician.metrics.vggish import VGGish, vggish_examples, vggish_mel_matrix
 from tinymusician.models.musicgen import ModelSourceError
 
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tinymusician.evaluate import EvaluationError, main, read_prompts
+from tinymusician.evaluate import main
 
 
 @pytest.fixture
@@ -123,14 +123,12 @@ def test_cli_model_errors_name_the_path(tiny_pair, folders, tmp_path, capsys):
     assert not (tmp_path / "out" / "report.json").exists()
 
 
-def test_prompts_from_text_and_csv_files(tmp_path):
-    assert len(read_prompts(prompts_file="data/prompts/default.txt")) == 8  # resolves from the repo root
-    (tmp_path / "caps.csv").write_text('ytid,caption\na,"a calm piano, soft"\nb,\nc,loud drums\n')
-    assert read_prompts(prompts_file=tmp_path / "caps.csv") == ["a calm piano, soft", "loud drums"]
-    assert read_prompts(["x", " y "], prompts_file=tmp_path / "ignored.txt", limit=1) == ["x"]
-    (tmp_path / "bad.csv").write_text("ytid,text\na,b\n")
-    with pytest.raises(EvaluationError, match="'caption' column"):
-        read_prompts(prompts_file=tmp_path / "bad.csv")
-    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
-    with pytest.raises(EvaluationError, match="no prompts in"):
-        read_prompts(prompts_file=tmp_path / "empty.txt")
+def test_cli_refuses_too_short_a_clip(tiny_pair, folders, tmp_path, capsys):
+    """The generation's own frame check (models.generation) surfaces as `error: ...`, exit status 2."""
+    reference, _ = folders
+    args = (
+        f"--model {tiny_pair.student} --reference {reference} --seconds 0.02 --output-dir {tmp_path / 'out'}"
+    )
+    assert main([*args.split(), "--no-progress", "--prompt", "a slow flute melody"]) == 2
+    assert re.search(r"^error: 1 frames is too short: at least \d+", capsys.readouterr().err.splitlines()[-1])
+    assert not (tmp_path / "out" / "report.json").exists()

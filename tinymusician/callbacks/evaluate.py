@@ -1,7 +1,7 @@
 """Lightning callback: after training (and optionally every N epochs) generate audio and report FAD / CLAP.
 
 Runs after ``SaveStudent`` and the quantize callback, so it also scores the quantized student when one
-exists. The embedding models live in this callback's :class:`~tinymusician.evaluate.Evaluation`, never in
+exists. The embedding models live in this callback's :class:`~tinymusician.metrics.evaluation.Evaluation`, never in
 the LightningModule, so they never reach a checkpoint; they load lazily and are freed after each evaluation.
 """
 
@@ -16,36 +16,25 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from tinymusician.evaluate import (
+from tinymusician.config import to_plain
+from tinymusician.metrics.embedders import EMBEDDERS, AudioEmbedder, EncodecEmbedder, build_embedder
+from tinymusician.metrics.evaluation import (
     Evaluation,
     EvaluationError,
     GeneratedSet,
     add_reference_folder,
+    clap_embedder,
     generate_audio,
     read_prompts,
     resolve_path,
-    scalar_metrics,
+    result_metrics,
     write_clips,
-)
-from tinymusician.metrics.embedders import (
-    EMBEDDERS,
-    AudioEmbedder,
-    ClapEmbedder,
-    EncodecEmbedder,
-    build_embedder,
 )
 
 log = logging.getLogger(__name__)
 
 STUDENT_CODEC = "student"  # encodec source meaning "the student's own codec" (works offline)
-
-
-def _plain(value: Any) -> Any:
-    return (
-        OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
-    )
 
 
 def find_quantized_model(trainer: L.Trainer) -> tuple[Any, str] | tuple[None, None]:
@@ -95,7 +84,7 @@ class EvaluateCallback(L.Callback):
         device: str | None = None,
     ) -> None:
         # Everything checkable without weights fails here, before training starts.
-        self.prompts = read_prompts(_plain(prompts), prompts_file, num_prompts)
+        self.prompts = read_prompts(to_plain(prompts), prompts_file, num_prompts)
         self.prompts_source = prompts_file if not prompts else "inline"
         if seconds <= 0 or not math.isfinite(seconds):
             raise EvaluationError(f"eval.seconds={seconds}: must be positive")
@@ -106,7 +95,7 @@ class EvaluateCallback(L.Callback):
         if every_n_epochs is not None and every_n_epochs < 1:
             raise EvaluationError(f"eval.every_n_epochs={every_n_epochs}: must be >= 1 or null")
         self.embedder_specs = [
-            {"name": spec} if isinstance(spec, str) else dict(spec) for spec in (_plain(embedders) or [])
+            {"name": spec} if isinstance(spec, str) else dict(spec) for spec in (to_plain(embedders) or [])
         ]
         for spec in self.embedder_specs:
             if spec.get("name") not in EMBEDDERS:
@@ -195,7 +184,7 @@ class EvaluateCallback(L.Callback):
                 result["wavs"] = [str(Path(name) / row["file_name"]) for row in rows]
                 report[name] = result
                 prefix = "eval" if name == "student" else "eval_quant"
-                metrics.update(scalar_metrics(result, prefix))
+                metrics.update(result_metrics(result, prefix))
                 self._log_audio(trainer, generated, prefix)
         finally:
             evaluation.close()  # free the embedding models; the reference statistics stay
@@ -236,10 +225,7 @@ class EvaluateCallback(L.Callback):
                 embedders.append(build_embedder(spec["name"], **{"device": device, **kwargs}))
         clap = None
         if self.clap_model:
-            clap = next(
-                (e for e in embedders if isinstance(e, ClapEmbedder) and e.source == self.clap_model), None
-            )
-            clap = clap or ClapEmbedder(self.clap_model, device=device, batch_size=self.batch_size)
+            clap = clap_embedder(embedders, self.clap_model, device=device, batch_size=self.batch_size)
         is_stats = self.reference != "val" and Path(self.reference).is_file()
         evaluation = Evaluation(
             embedders,
@@ -262,7 +248,7 @@ class EvaluateCallback(L.Callback):
         self, evaluation: Evaluation, trainer: L.Trainer, pl_module: L.LightningModule
     ) -> None:
         """The validation clips' audio, decoded from their codes with the student's (frozen, shared) codec."""
-        from tinymusician.models.musicgen import codec_decode
+        from tinymusician.models.musicgen import codec_decode, codec_hop
 
         splits = getattr(getattr(trainer, "datamodule", None), "splits", None) or {}
         if "val" not in splits:
@@ -273,7 +259,7 @@ class EvaluateCallback(L.Callback):
         split = splits["val"]
         student = pl_module.student
         codec = student.audio_encoder
-        hop = math.prod(codec.config.upsampling_ratios)
+        hop = codec_hop(codec.config)
         count = min(len(split), self.reference_max_clips or len(split))
         indices = list(range(trainer.global_rank, count, trainer.world_size))
         seconds = 0.0

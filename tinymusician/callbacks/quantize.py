@@ -1,4 +1,5 @@
-"""Post-training quantization at the end of fit: quantize a copy of the student, save the bundle, report.
+"""Post-training quantization at the end of fit: a thin Lightning adapter over the quantization job
+(:class:`~tinymusician.quant.job.QuantizeJob`).
 
 Runs after :class:`~tinymusician.callbacks.save_student.SaveStudent`, so the full-precision student is on
 disk before anything here can fail; a failure is reported (``quant_report.json``, ``quant/failed``) and
@@ -7,121 +8,56 @@ does not stop the run unless ``on_error="raise"``.
 
 from __future__ import annotations
 
-import copy
-import json
-import logging
-import time
-import traceback
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-from transformers import MusicgenForConditionalGeneration, PreTrainedTokenizerBase
 
-from tinymusician.quant.bundle import PLAN_FILE, STATE_FILE, save_quantized
-from tinymusician.quant.config import validate_options
-from tinymusician.quant.fidelity import Batch, ReferenceLogits, take_batches
-from tinymusician.quant.plan import PrecisionPlan
-from tinymusician.quant.ptq import quantize_model
-from tinymusician.quant.sensitivity import search_plan
-from tinymusician.quant.size import component_sizes, size_report
-
-log = logging.getLogger(__name__)
-
-REPORT_FILE = "quant_report.json"
-NOTES = [
-    "int8 = dynamic int8 on nn.Linear layers only (per-output-channel weight scales, activations quantized "
-    "per batch at run time); embeddings, norms and biases stay fp32, so T5's tied embedding stays one table.",
-    "The EnCodec encoder is not in the bundle (codec_encoder after = 0): text-to-music generation only "
-    "decodes codes. reduction.total includes that saving; reduction.deployed compares the same parts only.",
-    "enc_to_dec_proj stays in the decoder's float dtype (fp32 for an int8 decoder); casts between parts of "
-    "different precision are forward hooks, re-installed when a bundle is loaded.",
-]
+from tinymusician.callbacks.save_student import SaveStudent
+from tinymusician.quant.config import QuantizationOptions
+from tinymusician.quant.job import QUANT_METRICS, QuantizeJob
 
 
-# Every key report_metrics() can return (tests check the two agree).
-QUANT_METRICS = (
-    "quant/failed",
-    "quant/size_mb",
-    "quant/size_mb_fp32",
-    "quant/reduction",
-    "quant/reduction_deployed",
-    "quant/size_mb_text_encoder",
-    "quant/size_mb_decoder",
-    "quant/size_mb_codec",
-    "quant/top1_agree",
-    "quant/top1_agree_q{k}",
-    "quant/kl",
-    "quant/max_logit_diff",
-)
-
-
-class QuantizationError(RuntimeError):
-    """Quantization failed and ``on_error="raise"``; the report JSON holds the details."""
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Eval mode inside, every sub-module's own training flag restored after."""
-    flags = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, flag in flags.items():
-            module.training = flag
+def job_result(name: str, doc: str) -> property:
+    """A read-only view of the job's attribute ``name``."""
+    return property(lambda self: getattr(self.job, name), doc=doc)
 
 
 class QuantizeCallback(L.Callback):
-    """Quantize the student by a plan (``paper``, ``int8``, ``adaptive``, ``fp32`` or a mapping), then report.
+    """Quantize the student at fit end, then log ``quant/*``. Takes the job's options by keyword
+    (:class:`~tinymusician.quant.config.QuantizationOptions`: ``plan``, ``output_dir``, ``val_batches``,
+    ``search``, ``on_error``, ``save_bundle``).
 
-    Writes into ``output_dir`` the bundle (load it with ``tinymusician.quant.load_quantized``) and
-    ``quant_report.json``: MB per component before/after, reductions, and teacher-forced fidelity against the
-    full-precision student on ``val_batches`` validation batches. Logs ``quant/*`` metrics to every logger and
-    keeps the quantized model in :attr:`quantized_model` for later callbacks (evaluation).
-
-    ``search`` configures ``plan="adaptive"`` (see :class:`tinymusician.quant.sensitivity.SearchConfig`);
-    its calibration batches come from the training split, so the reported fidelity is on held-out data.
+    Takes the tokenizer and saved directory from :class:`SaveStudent`, the batches from the trainer's data
+    module, writes into ``output_dir`` (default ``<run dir>/quantized``), logs ``quant/*`` metrics to every
+    logger and keeps the quantized model in :attr:`quantized_model` for later callbacks (evaluation).
     """
 
-    def __init__(
-        self,
-        plan: str | Mapping[str, Any] = "paper",
-        output_dir: str | None = None,
-        val_batches: int | None = 4,
-        search: Mapping[str, Any] | None = None,
-        on_error: str = "warn",
-        save_bundle: bool = True,
-    ) -> None:
-        self.fixed_plan, self.search = validate_options(plan, search, on_error, val_batches)
-        self.plan_spec = plan
-        self.output_dir = Path(output_dir) if output_dir else None
-        self.val_batches = None if val_batches is None else int(val_batches)
-        self.on_error = on_error
-        self.save_bundle = save_bundle
-        self.quantized_model: MusicgenForConditionalGeneration | None = None
-        self.plan: PrecisionPlan | None = None
-        self.report: dict[str, Any] | None = None
-        self.last_metrics: dict[str, float] = {}  # the quant/* scalars (train() adds them to its metrics)
-        self.report_path: Path | None = None
-        self.bundle_dir: Path | None = None
+    def __init__(self, **options: Any) -> None:
+        self.options = QuantizationOptions.from_config(options)
+        self.job = QuantizeJob(self.options)
+
+    # What the job's last run left (read-only), read by train() and the evaluation callback.
+    quantized_model = job_result(
+        "quantized_model", "The quantized copy (None before a run or after a failure)."
+    )
+    plan = job_result("plan", "The plan used (searched for ``plan=adaptive``).")
+    report = job_result("report", "The report written to ``quant_report.json``.")
+    last_metrics = job_result("last_metrics", "The ``quant/*`` scalars (train() adds them to its metrics).")
+    report_path = job_result("report_path", "Where the report was written (None if it could not be).")
+    bundle_dir = job_result("bundle_dir", "Where the bundle was saved (None if not).")
 
     def metric_keys(self) -> list[str]:
-        """The ``quant/*`` keys :func:`report_metrics` can report (``{k}`` = codebook), for start-up checks."""
+        """The ``quant/*`` keys the job can report (``{k}`` = codebook), for start-up checks."""
         return list(QUANT_METRICS)
 
-    # --- Lightning ------------------------------------------------------------------------------------
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        from tinymusician.callbacks.save_student import SaveStudent
-
         saver = next((c for c in trainer.callbacks if isinstance(c, SaveStudent)), None)
         student_dir = saver.saved_dir if saver is not None else None
-        output_dir = self.output_dir or Path(trainer.default_root_dir) / "quantized"
+        output_dir = self.options.output_dir or Path(trainer.default_root_dir) / "quantized"
         self.run(
             pl_module.student,
             tokenizer=saver.tokenizer if saver is not None else None,
@@ -132,147 +68,13 @@ class QuantizeCallback(L.Callback):
             step=trainer.global_step,
         )
 
-    # --- the work (also used by `python -m tinymusician.quantize`) --------------------------------------
-    def run(
-        self,
-        student: MusicgenForConditionalGeneration,
-        tokenizer: PreTrainedTokenizerBase | None,
-        datamodule: Any,
-        output_dir: str | Path,
-        source: str | None = None,
-        loggers: Sequence[Any] = (),
-        step: int = 0,
-    ) -> dict[str, Any]:
-        """Quantize a copy of ``student``; write bundle + report into ``output_dir``; return the report."""
-        output_dir = Path(output_dir)
-        start = time.perf_counter()
-        report: dict[str, Any] = {
-            "status": "running",
-            "plan_requested": self.fixed_plan.name if self.fixed_plan else "adaptive",
-            "student_dir": source,
-            "notes": NOTES,
-        }
-        self.quantized_model = None
+    def run(self, *args: Any, loggers: Sequence[Any] = (), step: int = 0, **kwargs: Any) -> dict[str, Any]:
+        """:meth:`QuantizeJob.run` (same arguments), then its ``quant/*`` metrics to ``loggers`` (also when
+        it raises)."""
         try:
-            prepare_output_dir(output_dir)
-            self._quantize(student, tokenizer, datamodule, output_dir, report)
-            report["status"] = "ok"
-        except Exception as err:
-            report["status"] = "error"
-            report["error"] = f"{type(err).__name__}: {err}"
-            report["traceback"] = traceback.format_exc(limit=8)
-            self.quantized_model = None
-            log.error(
-                "Quantization (%s) failed; the full-precision student is intact%s. %s",
-                report["plan_requested"],
-                f" at {source}" if source else "",
-                report["error"],
-            )
-            if self.on_error == "raise":
-                self._finish(report, output_dir, start, loggers, step)
-                raise QuantizationError(report["error"]) from err
-        self._finish(report, output_dir, start, loggers, step)
-        return report
-
-    def _quantize(
-        self,
-        student: MusicgenForConditionalGeneration,
-        tokenizer: PreTrainedTokenizerBase | None,
-        datamodule: Any,
-        output_dir: Path,
-        report: dict[str, Any],
-    ) -> None:
-        if student.device.type != "cpu":  # torch.ao's dynamic int8 kernels are CPU kernels
-            student = copy.deepcopy(student).cpu()
-        with eval_mode(student), torch.no_grad():
-            plan = self.fixed_plan
-            if plan is None:
-                assert self.search is not None
-                calibration = take_batches(calibration_loader(datamodule), self.search.calibration_batches)
-                result = search_plan(student, calibration, self.search)
-                print(result.table(), flush=True)
-                report["search"] = result.to_dict()
-                plan = result.plan
-            self.plan = plan
-            report["plan"] = plan.to_dict()
-            report["plan_description"] = plan.describe()
-            before = component_sizes(student)
-            quantized = quantize_model(student, plan)
-            after = component_sizes(quantized)
-            report["size"] = size_report(before, after)
-            batches: list[Batch] = take_batches(datamodule.val_dataloader(), self.val_batches)
-            fidelity = ReferenceLogits(student, batches).compare(quantized)
-            report["fidelity"] = fidelity.to_dict()
-        if self.save_bundle:
-            self.bundle_dir = save_quantized(quantized, output_dir, tokenizer)
-            report["bundle_dir"] = str(self.bundle_dir)
-            report["bundle_file_mb"] = round(
-                sum(p.stat().st_size for p in self.bundle_dir.iterdir() if p.is_file()) / 1e6, 3
-            )
-        self.quantized_model = quantized
-        log.info(
-            "Quantized (%s): %.1f MB -> %.1f MB (%.1f%% smaller), top-1 agreement %.4f, KL %.2e",
-            plan.describe(),
-            before["total"],
-            after["total"],
-            100 * report["size"]["reduction"]["total"],
-            fidelity.top1_agree,
-            fidelity.kl,
-        )
-
-    def _finish(
-        self, report: dict[str, Any], output_dir: Path, start: float, loggers: Sequence[Any], step: int
-    ) -> None:
-        report["seconds"] = round(time.perf_counter() - start, 2)
-        self.report = report
-        self.report_path = None
-        try:
-            (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
-            self.report_path = output_dir / REPORT_FILE
-        except OSError as err:  # e.g. the output path is a file: the error is already in the report
-            log.error(
-                "Could not write %s (%s); quant/failed is logged and summary.json says why", REPORT_FILE, err
-            )
-        metrics = report_metrics(report)
-        self.last_metrics = metrics
-        for logger in loggers:
-            logger.log_metrics(metrics, step=step)
-            logger.save()
-
-
-def prepare_output_dir(output_dir: Path) -> None:
-    """Create ``output_dir`` and drop an older bundle there (a failed run must not leave it looking current)."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise NotADirectoryError(
-            f"quantization output {output_dir} exists and is not a directory; remove it or set "
-            "quant.output_dir to a directory"
-        )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (PLAN_FILE, STATE_FILE):
-        (output_dir / stale).unlink(missing_ok=True)
-
-
-def calibration_loader(datamodule: Any):
-    """Training-split batches in a fixed order when the data module offers them, else validation batches."""
-    if hasattr(datamodule, "dataloader") and "train" in getattr(datamodule, "split_names", ()):
-        return datamodule.dataloader("train", shuffle=False)
-    return datamodule.val_dataloader()
-
-
-def report_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """The ``quant/*`` scalars of a report (only ``quant/failed`` when quantization failed)."""
-    metrics = {"quant/failed": float(report["status"] != "ok")}
-    if report["status"] != "ok":
-        return metrics
-    size, fidelity = report["size"], report["fidelity"]
-    metrics["quant/size_mb"] = size["after_mb"]["total"]
-    metrics["quant/size_mb_fp32"] = size["before_mb"]["total"]
-    metrics["quant/reduction"] = size["reduction"]["total"]
-    metrics["quant/reduction_deployed"] = size["reduction"]["deployed"]
-    for part in ("text_encoder", "decoder", "codec"):
-        metrics[f"quant/size_mb_{part}"] = size["after_mb"][part]
-    metrics["quant/top1_agree"] = fidelity["top1_agree"]
-    metrics.update({f"quant/top1_agree_q{k}": v for k, v in enumerate(fidelity["top1_agree_per_codebook"])})
-    metrics["quant/kl"] = fidelity["kl"]
-    metrics["quant/max_logit_diff"] = fidelity["max_logit_diff"]
-    return metrics
+            return self.job.run(*args, **kwargs)
+        finally:
+            if self.job.last_metrics:  # empty only if the run was interrupted before its report
+                for logger in loggers:
+                    logger.log_metrics(self.job.last_metrics, step=step)
+                    logger.save()

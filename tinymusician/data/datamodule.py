@@ -1,30 +1,28 @@
-"""LightningDataModules that serve tokenised audio with captions: ``codes [B, K, T]`` + T5 inputs.
+"""The cache and report orchestration: a LightningDataModule that serves tokenised audio with captions.
 
 A subclass lists its clips (:meth:`CodesDataModule.list_clips`) and says how to get one clip's audio;
 the base class validates the audio, encodes every clip once into a sharded, resumable token cache
-(``python -m tinymusician.data.prepare`` or the first ``setup``), skips or stops on bad samples, and
-serves fixed-length training segments cut from the cached codes.
+(``python -m tinymusician.prepare`` or the first ``setup``), skips or stops on bad samples, reports
+what it kept and skipped (:func:`format_report`), and serves segments cut from the cached codes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import MusicgenForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import EncodecModel, MusicgenForConditionalGeneration, PreTrainedTokenizerBase
 
 from tinymusician.data.audio import BadSampleError, load_audio
-from tinymusician.data.synthetic import synthesize_clip
+from tinymusician.data.codec_tokens import encode_audio
+from tinymusician.data.listing import ClipRef, Listing
+from tinymusician.data.segments import CaptionCollator, SegmentDataset
 from tinymusician.data.token_cache import (
     CorruptCacheError,
     ShardedTokenCache,
@@ -32,23 +30,12 @@ from tinymusician.data.token_cache import (
     codec_fingerprint,
     shard_problem,
 )
-from tinymusician.models.musicgen import codec_encode
+from tinymusician.models.musicgen import codec_hop, max_frames
 
 log = logging.getLogger(__name__)
 
 ON_BAD_SAMPLE = ("skip", "raise")
 SEGMENT_OFFSETS = ("random", "fixed")
-# Values of a dataset's split column -> the split they feed; "test" rows are held out of training.
-SPLIT_NAMES = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "eval": "val",
-    "dev": "val",
-    "test": None,
-}
 _RAISE_HINT = (
     "(data.on_bad_sample=raise; data.on_bad_sample=skip skips such clips and lists them in the report)"
 )
@@ -56,158 +43,6 @@ _RAISE_HINT = (
 
 class EmptySplitError(ValueError):
     """A split without a single usable clip: training cannot start."""
-
-
-@dataclass(frozen=True)
-class ClipRef:
-    """One clip a dataset lists: a unique id, its split and caption, and where its audio is.
-
-    ``stamp`` (file size, mtime) goes into the cache key, so an edited file is encoded again.
-    """
-
-    id: str
-    split: str
-    caption: str | None
-    path: Path | None = None
-    stamp: tuple[int, int] | None = None
-
-
-@dataclass
-class Listing:
-    """What a dataset found before decoding: usable-looking clips, rejected rows/files and notes to print."""
-
-    clips: list[ClipRef]
-    bad: list[dict] = field(default_factory=list)  # {"id", "reason"} (+ "split" when known)
-    notes: list[str] = field(default_factory=list)
-    held_out: int = 0
-
-    def fingerprint(self) -> str:
-        rows = [(c.id, c.split, c.caption, str(c.path), c.stamp) for c in self.clips]
-        return hashlib.sha256(json.dumps([rows, self.bad], default=str).encode()).hexdigest()[:16]
-
-
-def file_stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_size, stat.st_mtime_ns
-
-
-def hash_fraction(clip_id: str) -> float:
-    """A stable number in [0, 1) per id (not Python's salted ``hash``), for reproducible splits."""
-    return int(hashlib.sha256(clip_id.encode()).hexdigest()[:15], 16) / 16**15
-
-
-def hash_split(clip_id: str, val_fraction: float) -> str:
-    return "val" if hash_fraction(clip_id) < val_fraction else "train"
-
-
-def codec_hop(codec: torch.nn.Module) -> int:
-    """Audio samples per code frame (320 for the tiny codec at 16 kHz, 640 for EnCodec 32 kHz)."""
-    return int(np.prod(codec.config.upsampling_ratios))
-
-
-@torch.no_grad()
-def encode_audio(
-    model: MusicgenForConditionalGeneration,
-    clips: list[np.ndarray],
-    batch_size: int = 8,
-    chunk_samples: int | None = None,
-) -> list[torch.Tensor]:
-    """Codes ``[K, ceil(len / hop)]`` of every mono clip at the codec's rate.
-
-    Clips longer than ``chunk_samples`` (a multiple of the hop) are encoded in pieces to bound memory;
-    pieces are batched shortest first so little of each batch is padding.
-    """
-    codec = model.audio_encoder
-    hop = codec_hop(codec)
-    if chunk_samples is not None:
-        chunk_samples = max(hop, chunk_samples // hop * hop)
-    pieces: list[tuple[int, np.ndarray]] = []
-    for index, clip in enumerate(clips):
-        step = chunk_samples or max(len(clip), 1)
-        pieces += [(index, clip[start : start + step]) for start in range(0, len(clip), step)]
-    order = sorted(range(len(pieces)), key=lambda p: len(pieces[p][1]))
-    piece_codes: dict[int, torch.Tensor] = {}
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        longest = max(len(pieces[p][1]) for p in batch)
-        padded = torch.zeros(len(batch), longest)
-        for row, p in enumerate(batch):
-            padded[row, : len(pieces[p][1])] = torch.from_numpy(pieces[p][1])
-        codes = codec_encode(model, padded.to(codec.dtype)).cpu()
-        for row, p in enumerate(batch):
-            frames = min(-(-len(pieces[p][1]) // hop), codes.shape[-1])
-            piece_codes[p] = codes[row, :, :frames]
-    by_clip: list[list[torch.Tensor]] = [[] for _ in clips]
-    for p, (index, _) in enumerate(pieces):
-        by_clip[index].append(piece_codes[p])
-    return [torch.cat(parts, dim=-1).long() for parts in by_clip]
-
-
-class SegmentDataset(Dataset):
-    """Training items cut from a split's clips: item = ``{"codes": [K, S], "length": int, "caption": str}``.
-
-    Every clip gives its fixed windows ``0, S, 2S, ...`` (a last, shorter window only if it has at least
-    ``min_frames``); with ``random_offsets`` each of those items instead starts at a fresh random frame every
-    time it is read. ``segment_frames=None`` serves whole clips, padded to the longest. Padding is code 0 and
-    ``length`` says how many frames are real.
-    """
-
-    def __init__(
-        self,
-        split: TokenSplit,
-        segment_frames: int | None = None,
-        min_frames: int = 1,
-        random_offsets: bool = False,
-    ) -> None:
-        self.split = split
-        lengths = split.lengths.tolist()
-        self.size = segment_frames or max(lengths, default=0)
-        self.random_offsets = random_offsets
-        self.windows: list[tuple[int, int]] = []
-        for clip, length in enumerate(lengths):
-            starts = [s for s in range(0, length, self.size) if s == 0 or length - s >= min_frames]
-            self.windows += [(clip, start) for start in starts]
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, index: int) -> dict:
-        clip, start = self.windows[index]
-        length = int(self.split.lengths[clip])
-        if self.random_offsets and length > self.size:
-            start = int(torch.randint(0, length - self.size + 1, ()))
-        codes = self.split.clip(clip)[:, start : start + self.size].long()
-        valid = codes.shape[-1]
-        if valid < self.size:
-            codes = torch.nn.functional.pad(codes, (0, self.size - valid))
-        return {"codes": codes, "length": valid, "caption": self.split.captions[clip]}
-
-
-class CaptionCollator:
-    """Stacks codes and tokenises captions; a top-level class so DataLoader workers can pickle it."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_text_tokens: int = 64) -> None:
-        self.tokenizer = tokenizer
-        self.max_text_tokens = max_text_tokens
-
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        text = self.tokenizer(
-            [item["caption"] for item in items],
-            padding=True,
-            truncation=True,
-            max_length=self.max_text_tokens,
-            return_tensors="pt",
-        )
-        return {
-            "codes": torch.stack([item["codes"] for item in items]),
-            "lengths": torch.tensor([item["length"] for item in items]),
-            "input_ids": text["input_ids"],
-            "attention_mask": text["attention_mask"],
-            "captions": [item["caption"] for item in items],
-        }
 
 
 class CodesDataModule(L.LightningDataModule):
@@ -340,7 +175,7 @@ class CodesDataModule(L.LightningDataModule):
     def min_samples(self, model: MusicgenForConditionalGeneration) -> int:
         """Shortest usable clip: ``data.min_seconds``, and never less than one code frame."""
         codec = model.audio_encoder
-        return max(codec_hop(codec), math.ceil(self.min_seconds * codec.config.sampling_rate))
+        return max(codec_hop(codec.config), math.ceil(self.min_seconds * codec.config.sampling_rate))
 
     def encode_shard(
         self, model: MusicgenForConditionalGeneration, split: str, clips: list[ClipRef], progress: tqdm
@@ -480,8 +315,7 @@ class CodesDataModule(L.LightningDataModule):
         model: MusicgenForConditionalGeneration,
         shard_size: int,
     ) -> dict:
-        codec = model.audio_encoder
-        frame_rate = codec.config.sampling_rate / codec_hop(codec)
+        frame_rate = _frame_rate(model.audio_encoder)
         splits: dict[str, dict] = {
             name: {"clips": 0, "seconds": 0.0, "shards": []} for name in self.split_names
         }
@@ -550,23 +384,28 @@ class CodesDataModule(L.LightningDataModule):
         print(self.usable_summary(datasets), flush=True)
 
     def segment_frames(self) -> int | None:
+        """Frames per training segment (``data.segment_seconds``); None serves whole clips."""
         if self.segment_seconds is None or self.model is None:
             return None
-        codec = self.model.audio_encoder
-        return max(1, round(self.segment_seconds * codec.config.sampling_rate / codec_hop(codec)))
+        return max(1, round(self._in_frames(self.segment_seconds)))
 
-    def min_frames(self) -> int:
+    def min_segment_frames(self) -> int:
+        """Shortest segment served (``data.min_seconds``): a shorter last window of a clip is dropped."""
         if self.model is None:
             return 1
+        return max(1, math.ceil(self._in_frames(self.min_seconds)))
+
+    def _in_frames(self, seconds: float) -> float:
+        assert self.model is not None
         codec = self.model.audio_encoder
-        return max(1, math.ceil(self.min_seconds * codec.config.sampling_rate / codec_hop(codec)))
+        return seconds * codec.config.sampling_rate / codec_hop(codec.config)
 
     def dataset(self, split: str) -> SegmentDataset:
         """Validation always uses fixed windows, so its numbers are comparable between evaluations."""
         return SegmentDataset(
             self.splits[split],
             self.segment_frames(),
-            self.min_frames(),
+            self.min_segment_frames(),
             random_offsets=split == "train" and self.segment_offsets == "random",
         )
 
@@ -576,9 +415,7 @@ class CodesDataModule(L.LightningDataModule):
         decoder = self.model.config.decoder
         needed = frames + decoder.num_codebooks - 1
         if needed > decoder.max_position_embeddings:
-            codec = self.model.audio_encoder
-            frame_rate = codec.config.sampling_rate / codec_hop(codec)
-            longest = (decoder.max_position_embeddings - decoder.num_codebooks + 1) / frame_rate
+            longest = max_frames(self.model) / _frame_rate(self.model.audio_encoder)
             raise ValueError(
                 f"data.segment_seconds={self.segment_seconds}: items of {frames} frames need {needed} decoder "
                 f"positions but the student has max_position_embeddings={decoder.max_position_embeddings}; "
@@ -625,6 +462,11 @@ class CodesDataModule(L.LightningDataModule):
         return self.dataloader("val", shuffle=False)
 
 
+def _frame_rate(codec: EncodecModel) -> float:
+    """Codec frames per second of audio (50 for both the tiny codec and EnCodec 32 kHz)."""
+    return codec.config.sampling_rate / codec_hop(codec.config)
+
+
 def _reason_kind(reason: str) -> str:
     """The kind of a bad-sample reason ("too short: 0.2 s < 1 s" -> "too short") for the report's counts.
 
@@ -661,40 +503,3 @@ def format_report(report: dict, max_listed: int = 20) -> str:
         lines.append(f"  repaired {len(report['repaired'])} damaged cache file(s):")
         lines += [f"    {r['file']}: {r['problem']} -> {r['action']}" for r in report["repaired"]]
     return "\n".join(lines)
-
-
-class SyntheticDataModule(CodesDataModule):
-    """The embedded default: seeded synthetic melodies with captions that describe them (no download)."""
-
-    def __init__(
-        self, num_train: int = 512, num_val: int = 64, seconds: float = 2.0, seed: int = 0, **kwargs
-    ) -> None:
-        for key, value in {"num_train": num_train, "num_val": num_val}.items():
-            if value < 1:
-                raise EmptySplitError(f"data.{key}={value}: the split would be empty; set data.{key} >= 1")
-        if seconds <= 0:
-            raise ValueError(f"data.seconds={seconds}: clip length must be positive")
-        super().__init__(**kwargs)
-        self.num_train, self.num_val, self.seconds, self.seed = num_train, num_val, seconds, seed
-
-    def describe(self) -> dict:
-        return {
-            "kind": "synthetic",
-            "num_train": self.num_train,
-            "num_val": self.num_val,
-            "seconds": self.seconds,
-            "seed": self.seed,
-        }
-
-    def list_clips(self) -> Listing:
-        clips = [ClipRef(f"{i:06d}", "train", None) for i in range(self.num_train)]
-        clips += [
-            ClipRef(f"{i:06d}", "val", None) for i in range(self.num_train, self.num_train + self.num_val)
-        ]
-        return Listing(clips)
-
-    def load_clip(self, clip: ClipRef, sample_rate: int, min_samples: int) -> tuple[np.ndarray, str]:
-        synthetic = synthesize_clip(
-            int(clip.id), seed=self.seed, seconds=self.seconds, sample_rate=sample_rate
-        )
-        return synthetic.audio, synthetic.caption

@@ -14,15 +14,8 @@ import os
 from pathlib import Path
 
 from tinymusician.data.audio import is_audio_file
-from tinymusician.data.datamodule import (
-    SPLIT_NAMES,
-    ClipRef,
-    CodesDataModule,
-    Listing,
-    file_stamp,
-    hash_fraction,
-    hash_split,
-)
+from tinymusician.data.datamodule import CodesDataModule
+from tinymusician.data.listing import SPLIT_NAMES, ClipRef, Listing, file_stamp, hash_fraction, hash_split
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 _LAYOUT_HINT = (

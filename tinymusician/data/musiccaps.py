@@ -12,8 +12,9 @@ import csv
 from pathlib import Path
 
 from tinymusician.data.audio import is_audio_file
-from tinymusician.data.datamodule import ClipRef, CodesDataModule, Listing, file_stamp
+from tinymusician.data.datamodule import CodesDataModule
 from tinymusician.data.folder import walk_sorted
+from tinymusician.data.listing import ClipRef, Listing, file_stamp
 
 REQUIRED_COLUMNS = ("ytid", "start_s", "end_s", "is_audioset_eval")
 # File names (without extension) that common MusicCaps downloaders write; {start}/{end} match both "30"

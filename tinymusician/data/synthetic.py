@@ -1,8 +1,9 @@
-"""Seeded synthetic music clips whose captions describe them: the offline training corpus.
+"""Seeded synthetic music clips whose captions describe them: the offline corpus and its datamodule.
 
 Each clip is a short monophonic melody whose instrument, tempo, register, loudness and mode are drawn at
 random and all named in its caption, so a tiny text-conditioned model has real caption -> audio structure
-to learn without downloading anything.
+to learn without downloading anything. :class:`SyntheticDataModule` (``data=synthetic``, the default)
+serves the corpus through the token cache like any other dataset.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+
+from tinymusician.data.datamodule import CodesDataModule, EmptySplitError
+from tinymusician.data.listing import ClipRef, Listing
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "instrument": ("flute", "organ", "guitar", "bell", "synth"),
@@ -253,3 +257,40 @@ def _caption(attributes: dict[str, str], rng: np.random.Generator) -> str:
     # "an organ tune in a low register" reads better without a comma before a prepositional phrase.
     joiner = " " if trailing[0].startswith(("in ", "at ")) else ", "
     return head + joiner + ", ".join(trailing)
+
+
+class SyntheticDataModule(CodesDataModule):
+    """The embedded default: seeded synthetic melodies with captions that describe them (no download)."""
+
+    def __init__(
+        self, num_train: int = 512, num_val: int = 64, seconds: float = 2.0, seed: int = 0, **kwargs
+    ) -> None:
+        for key, value in {"num_train": num_train, "num_val": num_val}.items():
+            if value < 1:
+                raise EmptySplitError(f"data.{key}={value}: the split would be empty; set data.{key} >= 1")
+        if seconds <= 0:
+            raise ValueError(f"data.seconds={seconds}: clip length must be positive")
+        super().__init__(**kwargs)
+        self.num_train, self.num_val, self.seconds, self.seed = num_train, num_val, seconds, seed
+
+    def describe(self) -> dict:
+        return {
+            "kind": "synthetic",
+            "num_train": self.num_train,
+            "num_val": self.num_val,
+            "seconds": self.seconds,
+            "seed": self.seed,
+        }
+
+    def list_clips(self) -> Listing:
+        clips = [ClipRef(f"{i:06d}", "train", None) for i in range(self.num_train)]
+        clips += [
+            ClipRef(f"{i:06d}", "val", None) for i in range(self.num_train, self.num_train + self.num_val)
+        ]
+        return Listing(clips)
+
+    def load_clip(self, clip: ClipRef, sample_rate: int, min_samples: int) -> tuple[np.ndarray, str]:
+        synthetic = synthesize_clip(
+            int(clip.id), seed=self.seed, seconds=self.seconds, sample_rate=sample_rate
+        )
+        return synthetic.audio, synthetic.caption

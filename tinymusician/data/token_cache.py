@@ -29,7 +29,7 @@ CACHE_VERSION = 2  # bump when the on-disk layout changes
 SHARD_METADATA = ("captions", "ids", "bad")
 REPORT_KEYS = ("key", "cache_dir", "splits", "listed", "usable", "skipped", "skipped_by_reason", "bad")
 _REENCODE_FIX = (
-    "delete it and run `python -m tinymusician.data.prepare` (or training) again with the same "
+    "delete it and run `python -m tinymusician.prepare` (or training) again with the same "
     "overrides: only this shard is encoded again"
 )
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from tinymusician.config import to_plain
 from tinymusician.distill import divergences as div
 from tinymusician.distill.schedule import StageScheduler, check_schedule
 
@@ -286,17 +287,6 @@ LOSSES: dict[str, type[DistillationLoss]] = {
 }
 
 
-def _plain(value: Any) -> Any:
-    """DictConfig / ListConfig (Hydra passes nested nodes as these) to plain containers."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        return value
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
 def build_loss(name: str, **params: Any) -> DistillationLoss:
     """Build a loss by exact name; fail loudly (naming ``loss.<key>``) on unknown names or parameters."""
     if name not in LOSSES:
@@ -309,4 +299,4 @@ def build_loss(name: str, **params: Any) -> DistillationLoss:
             f"unknown parameter(s) {', '.join(f'loss.{k}' for k in unknown)} for loss {name!r}; "
             f"accepted: {', '.join(f'loss.{k}' for k in accepted)}"
         )
-    return cls(**{k: _plain(v) for k, v in params.items()})
+    return cls(**{k: to_plain(v) for k, v in params.items()})

@@ -12,8 +12,7 @@ from transformers import MusicgenForConditionalGeneration
 
 from tinymusician.distill.divergences import forward_kl
 from tinymusician.distill.losses import DistillationLoss
-from tinymusician.models.delay import delay_pattern
-from tinymusician.models.musicgen import decoder_logits, encode_text, freeze
+from tinymusician.models.musicgen import freeze, teacher_forcing
 
 # What validation_step logs: train.check_config validates `optimized_metric` and checkpoint monitors against
 # these before any model loads (tests/distill/test_module.py checks the logged keys are exactly these).
@@ -81,7 +80,6 @@ class DistillationModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.cond_dropout = cond_dropout
         self.checkpoint_frozen = checkpoint_frozen
-        self.pad_token_id = student.config.decoder.pad_token_id
         self.num_codebooks = student.config.decoder.num_codebooks
         self.last_train_logs: dict[str, float] = {}  # for the end-of-run summary and tests
 
@@ -153,19 +151,17 @@ class DistillationModule(L.LightningModule):
     # --- forward --------------------------------------------------------------------------------------
     def forward_batch(self, batch: dict[str, torch.Tensor], with_teacher: bool) -> dict[str, torch.Tensor]:
         """Delay the codes, encode the text once, run student (and teacher): logits ``[B, K, T, V]``."""
-        delayed = delay_pattern(batch["codes"], self.pad_token_id, batch.get("lengths"))
-        text_mask = batch["attention_mask"]
-        with torch.no_grad():
-            text_hidden = encode_text(self.student, batch["input_ids"], text_mask)
+        forcing = teacher_forcing(self.student, batch)
         if self.training and self.cond_dropout > 0:
             # Classifier-free guidance needs the null condition: drop whole captions, as MusicGen does.
-            keep = torch.rand(text_mask.shape[0], device=text_mask.device) >= self.cond_dropout
-            text_mask = text_mask * keep[:, None].to(text_mask.dtype)
-        out = {"labels": delayed.labels, "valid": delayed.valid}
-        out["student"] = decoder_logits(self.student, text_hidden, text_mask, delayed.inputs)
+            mask = forcing.text_mask
+            keep = torch.rand(mask.shape[0], device=mask.device) >= self.cond_dropout
+            forcing.text_mask = mask * keep[:, None].to(mask.dtype)
+        out = {"labels": forcing.delayed.labels, "valid": forcing.delayed.valid}
+        out["student"] = forcing.logits(self.student)
         if with_teacher and self.teacher is not None:
             with torch.no_grad():
-                out["teacher"] = decoder_logits(self.teacher, text_hidden, text_mask, delayed.inputs)
+                out["teacher"] = forcing.logits(self.teacher)
         return out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

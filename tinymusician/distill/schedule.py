@@ -150,7 +150,9 @@ def scheduler_from_config(path: Path = _STAGE_MIXED_YAML) -> StageScheduler:
         return StageScheduler()
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    from tinymusician.config import to_plain
+
+    cfg = to_plain(OmegaConf.load(path))
     sched, temp = cfg.get("schedule") or {}, cfg.get("temperature") or {}
     defaults = StageScheduler()
     return StageScheduler(

@@ -9,11 +9,14 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, MusicgenForConditionalGeneration, PreTrainedTokenizerBase
+
+from tinymusician.models.delay import DelayedCodes, delay_pattern
 
 if TYPE_CHECKING:
     from transformers import EncodecConfig, MusicgenConfig
@@ -265,6 +268,31 @@ def decoder_logits(
         use_cache=False,
     )
     return out.logits.reshape(batch, num_codebooks, length, -1)
+
+
+@dataclass
+class TeacherForcing:
+    """One batch ready for teacher forcing: the delayed codes and the raw T5 states, computed once and shared by
+    every model scored on it (student and teacher in training; full precision and quantized in fidelity)."""
+
+    delayed: DelayedCodes
+    text_hidden: torch.Tensor  # [B, S, D_text], padding zeroed
+    text_mask: torch.Tensor  # [B, S]
+
+    def logits(self, model: MusicgenForConditionalGeneration) -> torch.Tensor:
+        """``model``'s teacher-forced logits ``[B, K, T + K - 1, V]`` on this batch."""
+        return decoder_logits(model, self.text_hidden, self.text_mask, self.delayed.inputs)
+
+
+def teacher_forcing(
+    model: MusicgenForConditionalGeneration, batch: dict[str, torch.Tensor]
+) -> TeacherForcing:
+    """Delay ``batch["codes"] [B, K, T]`` (true lengths ``batch["lengths"]`` if given) and encode its captions
+    with ``model``'s frozen T5 (``input_ids``, ``attention_mask``)."""
+    delayed = delay_pattern(batch["codes"], model.config.decoder.pad_token_id, batch.get("lengths"))
+    with torch.no_grad():
+        hidden = encode_text(model, batch["input_ids"], batch["attention_mask"])
+    return TeacherForcing(delayed, hidden, batch["attention_mask"])
 
 
 def codec_encode(model: MusicgenForConditionalGeneration, audio: torch.Tensor) -> torch.Tensor:

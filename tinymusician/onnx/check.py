@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tinymusician.onnx.runtime import TinyMusicianONNX, delay_pattern, read_manifest
+from tinymusician.onnx.runtime import TinyMusicianONNX, delay_pattern_mask, read_manifest
 
 CHECK_PROMPTS = ("a calm piano melody with soft drums", "fast loud electric guitar")
 # Relative logit error (see relative_logit_error) allowed per precision, for any model. Measured on the tiny
@@ -27,7 +27,7 @@ MAX_RELATIVE_ERROR = {"fp32": 1e-3, "int8": 0.05, "int4": 0.2}
 def delayed_sequence(codes: np.ndarray, pad: int, start: int) -> np.ndarray:
     """Aligned codes ``[B, K, T]`` -> the delayed decoder sequence ``[B, K, T + K]`` (start token first)."""
     batch, num_codebooks, frames = codes.shape
-    pattern = delay_pattern(num_codebooks, frames, pad)
+    pattern = delay_pattern_mask(num_codebooks, frames, pad)
     sequence = np.broadcast_to(pattern, (batch, *pattern.shape)).copy()
     for k in range(num_codebooks):
         sequence[:, k, k + 1 : k + 1 + frames] = codes[:, k]
@@ -55,7 +55,7 @@ def forced_logits(
             np.concatenate([mask, np.zeros_like(mask)]),
         )
     sequence = delayed_sequence(codes, facts["pad_token_id"], facts["decoder_start_token_id"])
-    generated = delay_pattern(num_codebooks, frames, facts["pad_token_id"])[:, 1:] == -1  # [K, S]
+    generated = delay_pattern_mask(num_codebooks, frames, facts["pad_token_id"])[:, 1:] == -1  # [K, S]
     empty = np.zeros((states.shape[0], facts["num_heads"], 0, facts["head_dim"]), dtype=np.float32)
     feeds: dict[str, np.ndarray] = {
         "encoder_hidden_states": states,

@@ -42,28 +42,18 @@ from transformers import MusicgenForConditionalGeneration, PreTrainedTokenizerBa
 
 from tinymusician.models.musicgen import max_frames, min_frames
 from tinymusician.onnx.graphs import decoder_spec, encodec_decode_spec, export_graph, text_encoder_spec
+from tinymusician.onnx.layout import FORMAT, FORMAT_VERSION, GRAPHS, PRECISIONS, graph_file
 from tinymusician.onnx.merge import merge_decoders
 from tinymusician.onnx.runtime import file_sha256
 
 log = logging.getLogger(__name__)
 
-FORMAT = "tinymusician-onnx"
-FORMAT_VERSION = 1
 DEFAULT_OPSET = 17
-PRECISIONS = {"fp32": "", "int8": "_quantized", "int4": "_q4"}
-QUANTIZABLE = ("text_encoder", "decoder_model_merged")  # encodec_decode stays fp32
-GRAPHS = ("text_encoder", "decoder_model_merged", "encodec_decode")
 INT4_BLOCK_SIZE = 32
 
 
 class ExportError(ValueError):
     """A bundle that cannot be written as asked; the message says what to change."""
-
-
-def graph_file(graph: str, precision: str) -> str:
-    """``onnx/<graph><suffix>.onnx``; the codec decoder is only ever fp32."""
-    suffix = PRECISIONS[precision] if graph in QUANTIZABLE else ""
-    return f"onnx/{graph}{suffix}.onnx"
 
 
 # What each quantized precision is, as written into manifest.json (readers must not guess it from the file name).

@@ -16,12 +16,7 @@ from torch import nn
 from transformers import MusicgenForConditionalGeneration
 from transformers.cache_utils import EncoderDecoderCache
 
-PAST_KINDS = ("decoder.key", "decoder.value", "encoder.key", "encoder.value")
-
-
-def past_names(num_layers: int, prefix: str = "past_key_values") -> list[str]:
-    """``past_key_values.{i}.decoder.key`` ... in the order the decoder graph takes (and returns) them."""
-    return [f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in PAST_KINDS]
+from tinymusician.onnx.layout import past_names
 
 
 def text_projection(model: MusicgenForConditionalGeneration) -> nn.Module | None:

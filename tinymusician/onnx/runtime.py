@@ -7,7 +7,7 @@
 The loop is transformers' MusicGen ``generate``: the delay pattern (codebook k lags k steps; positions outside
 the pattern are forced to the pad token before each step), classifier-free guidance on a doubled batch whose
 second half has zeroed text states and mask, then greedy or temperature + top-k sampling. Greedy fp32 runs
-reproduce transformers' codes exactly (tests/test_onnx.py).
+reproduce transformers' codes exactly (tests/onnx/test_runtime.py).
 
 Prompts: an empty prompt is an error; prompts longer than ``max_text_tokens`` (manifest, 256 by default) are
 truncated (a warning names them). Lengths: at least ``min_frames`` codec frames (7 at 50 Hz = 0.14 s; the
@@ -31,13 +31,17 @@ from typing import Any
 import numpy as np
 
 from tinymusician.models.generation import GenerationError
+from tinymusician.onnx.layout import (
+    DECODER_INPUTS,
+    FORMAT,
+    FORMAT_VERSIONS,
+    GRAPHS,
+    PRECISIONS,
+    graph_file,
+    past_names,
+)
 
 log = logging.getLogger(__name__)
-
-GRAPHS = ("text_encoder", "decoder_model_merged", "encodec_decode")
-SUFFIXES = {"fp32": "", "int8": "_quantized", "int4": "_q4"}
-DECODER_INPUTS = ("input_ids", "encoder_hidden_states", "encoder_attention_mask", "use_cache_branch")
-
 
 REEXPORT = "re-export it with `python -m tinymusician.export MODEL --out DIR`"
 
@@ -46,11 +50,11 @@ class BundleError(ValueError):
     """A bundle that cannot be used as it is; the message names the file and how to fix it."""
 
 
-# --- the delay pattern (NumPy twin of tinymusician.models.delay, for a runtime without torch) -------------
-def delay_pattern(num_codebooks: int, frames: int, pad: int) -> np.ndarray:
+# --- the delay pattern (NumPy, for a runtime without torch; teacher forcing's is models.delay) ------------
+def delay_pattern_mask(num_codebooks: int, frames: int, pad: int) -> np.ndarray:
     """``[K, frames + K]`` with -1 where a code is generated and ``pad`` elsewhere (position 0: the start).
 
-    Codebook k holds frame t at position t + k + 1, as transformers' ``build_delay_pattern_mask``.
+    Codebook k holds frame t at position t + k + 1: the twin of transformers' ``build_delay_pattern_mask``.
     """
     length = frames + num_codebooks
     pattern = np.full((num_codebooks, length), pad, dtype=np.int64)
@@ -82,7 +86,6 @@ def sample_next(
     return np.minimum((cumulative < draws).sum(axis=-1), scores.shape[-1] - 1)
 
 
-FORMAT_VERSIONS = (1,)  # manifest.json format_version values this runtime reads
 # manifest.json "model" facts: all integers; these two may be 0 (token ids), the rest must be positive
 MODEL_FACTS = (
     "num_codebooks",
@@ -129,9 +132,9 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
             "`python -m tinymusician.export MODEL --out DIR`"
         )
     manifest = read_json(path, "bundle description")
-    if not isinstance(manifest, dict) or manifest.get("format") != "tinymusician-onnx":
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise BundleError(f"{path}: format {found!r} is not 'tinymusician-onnx'; {REEXPORT}")
+        raise BundleError(f"{path}: format {found!r} is not {FORMAT!r}; {REEXPORT}")
     missing = [key for key in ("files", "model", "precisions") if key not in manifest]
     if missing:
         raise BundleError(f"{path}: keys {missing} are missing (edited by hand?); {REEXPORT}")
@@ -149,8 +152,8 @@ def check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
             f"{list(FORMAT_VERSIONS)}. Use the tinymusician version that wrote the bundle, or {REEXPORT}"
         )
     precisions = manifest["precisions"]
-    if not isinstance(precisions, list) or not precisions or any(p not in SUFFIXES for p in precisions):
-        raise BundleError(f"{path}: precisions={precisions!r}: a non-empty list of {list(SUFFIXES)}; {fix}")
+    if not isinstance(precisions, list) or not precisions or any(p not in PRECISIONS for p in precisions):
+        raise BundleError(f"{path}: precisions={precisions!r}: a non-empty list of {list(PRECISIONS)}; {fix}")
     files = manifest["files"]
     if not isinstance(files, dict):
         raise BundleError(f"{path}: files must map graph files to their bytes and sha256; {fix}")
@@ -294,16 +297,16 @@ def check_files(
 def resolve_precisions(precision: str | Mapping[str, str]) -> dict[str, str]:
     """``"int8"`` -> int8 text encoder and decoder, fp32 codec decoder; or an explicit per-graph map."""
     if isinstance(precision, str):
-        if precision not in SUFFIXES:
-            raise BundleError(f"precision={precision!r}: choose from {list(SUFFIXES)}")
+        if precision not in PRECISIONS:
+            raise BundleError(f"precision={precision!r}: choose from {list(PRECISIONS)}")
         return {"text_encoder": precision, "decoder_model_merged": precision, "encodec_decode": "fp32"}
     unknown = set(precision) - set(GRAPHS)
     if unknown:
         raise BundleError(f"precision map has unknown graphs {sorted(unknown)}; graphs: {list(GRAPHS)}")
     chosen = {"text_encoder": "fp32", "decoder_model_merged": "fp32", "encodec_decode": "fp32", **precision}
-    bad = {g: p for g, p in chosen.items() if p not in SUFFIXES or (g == "encodec_decode" and p != "fp32")}
+    bad = {g: p for g, p in chosen.items() if p not in PRECISIONS or (g == "encodec_decode" and p != "fp32")}
     if bad:
-        raise BundleError(f"precision map {bad}: use {list(SUFFIXES)} (encodec_decode is fp32 only)")
+        raise BundleError(f"precision map {bad}: use {list(PRECISIONS)} (encodec_decode is fp32 only)")
     return chosen
 
 
@@ -334,7 +337,7 @@ class TinyMusicianONNX:
         self.facts = self.manifest["model"]
         exported = self.manifest["precisions"]
         self.precisions = resolve_precisions(precision or ("fp32" if "fp32" in exported else exported[0]))
-        files = {g: f"onnx/{g}{SUFFIXES[p]}.onnx" for g, p in self.precisions.items()}
+        files = {g: graph_file(g, p) for g, p in self.precisions.items()}
         check_files(
             self.bundle, self.manifest, list(files.values()), verify or verify_hashes, rehash=verify_hashes
         )
@@ -395,7 +398,7 @@ class TinyMusicianONNX:
             )
         ratios = codec.get("upsampling_ratios")
         if ratios and is_int(rate):
-            hop = int(np.prod(ratios))
+            hop = int(np.prod(ratios))  # models.musicgen.codec_hop on config.json (that module needs torch)
             if facts["frame_rate"] != -(-rate // hop):
                 raise BundleError(
                     f"{manifest}: model.frame_rate={facts['frame_rate']} but the codec in {path} makes "
@@ -452,8 +455,7 @@ class TinyMusicianONNX:
 
     @property
     def past_names(self) -> list[str]:
-        kinds = ("decoder.key", "decoder.value", "encoder.key", "encoder.value")
-        return [f"past_key_values.{i}.{kind}" for i in range(self.facts["num_layers"]) for kind in kinds]
+        return past_names(self.facts["num_layers"])
 
     def frames_for(self, seconds: float) -> int:
         frames = round(seconds * self.frame_rate)
@@ -520,7 +522,7 @@ class TinyMusicianONNX:
             text_states = np.concatenate([text_states, np.zeros_like(text_states)])
             text_mask = np.concatenate([text_mask, np.zeros_like(text_mask)])
         rng = np.random.default_rng(seed) if do_sample else None
-        pattern = delay_pattern(num_codebooks, frames, pad)
+        pattern = delay_pattern_mask(num_codebooks, frames, pad)
         sequence = np.full((batch, num_codebooks, pattern.shape[1]), pad, dtype=np.int64)
         # position 0 holds the start token (MusicGen's decoder_start_token_id is its pad id, as the pattern says)
         sequence[:, :, 0] = facts["decoder_start_token_id"]

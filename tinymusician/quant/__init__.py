@@ -1,8 +1,10 @@
-"""Post-training mixed-precision quantization: precision plans, PTQ, size accounting, fidelity, search, bundles."""
+"""Post-training mixed-precision quantization: precision plans, PTQ, size accounting, fidelity, search,
+bundles, and the job that runs them (:class:`QuantizeJob`)."""
 
 from tinymusician.quant.bundle import load_quantized, save_quantized
-from tinymusician.quant.config import check_quant_config
+from tinymusician.quant.config import QuantizationOptions, check_quant_config
 from tinymusician.quant.fidelity import Fidelity, ReferenceLogits, compare_models
+from tinymusician.quant.job import QuantizationError, QuantizeJob
 from tinymusician.quant.plan import (
     COMPONENTS,
     NAMED_PLANS,
@@ -23,6 +25,9 @@ __all__ = [
     "Fidelity",
     "PlanError",
     "PrecisionPlan",
+    "QuantizationError",
+    "QuantizationOptions",
+    "QuantizeJob",
     "ReferenceLogits",
     "SearchConfig",
     "apply_plan",

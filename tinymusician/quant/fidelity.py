@@ -15,8 +15,7 @@ import torch
 from transformers import MusicgenForConditionalGeneration
 
 from tinymusician.distill.divergences import forward_kl
-from tinymusician.models.delay import delay_pattern
-from tinymusician.models.musicgen import decoder_logits, encode_text
+from tinymusician.models.musicgen import teacher_forcing
 
 Batch = dict[str, torch.Tensor]
 
@@ -56,10 +55,8 @@ def teacher_forced_logits(
     model: MusicgenForConditionalGeneration, batch: Batch
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logits ``[B, K, T, V]`` and ``valid [B, K, T]`` for one batch (``codes``, ``input_ids``, ...)."""
-    delayed = delay_pattern(batch["codes"], model.config.decoder.pad_token_id, batch.get("lengths"))
-    hidden = encode_text(model, batch["input_ids"], batch["attention_mask"])
-    logits = decoder_logits(model, hidden, batch["attention_mask"], delayed.inputs)
-    return logits.float(), delayed.valid
+    forcing = teacher_forcing(model, batch)
+    return forcing.logits(model).float(), forcing.delayed.valid
 
 
 class ReferenceLogits:

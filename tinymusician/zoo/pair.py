@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import AutoConfig, MusicgenConfig, MusicgenForConditionalGeneration, PreTrainedTokenizerBase
 
+from tinymusician.config import to_plain
 from tinymusician.models.musicgen import (
     DTYPES,
     check_model_source,
@@ -79,7 +80,7 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def tiny_spec(model_cfg: DictConfig) -> TinySpec:
-    return TinySpec.from_dict(OmegaConf.to_container(model_cfg.get("tiny") or {}, resolve=True))
+    return TinySpec.from_dict(to_plain(model_cfg.get("tiny") or {}))
 
 
 def source_config(model_cfg: DictConfig, role: str) -> MusicgenConfig:

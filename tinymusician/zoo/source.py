@@ -16,13 +16,16 @@ if TYPE_CHECKING:  # torch and Hydra load on use: the generate CLI shares --base
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
+def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """conf/train.yaml with ``overrides``, as the train entry point composes it (for CLIs that take the same
+    overrides as training; ``output_dir`` replaces ``paths.output_dir``)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+        return compose("train", overrides=[*overrides, *extra])
 
 
 def add_base_argument(parser: argparse.ArgumentParser, what: str = "a .ckpt") -> None:

@@ -206,7 +206,7 @@ def train_tiny_teacher(
     import lightning as L
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from tinymusician.data.datamodule import SyntheticDataModule
+    from tinymusician.data.synthetic import SyntheticDataModule
     from tinymusician.distill.losses import build_loss
     from tinymusician.distill.module import DistillationModule
     from tinymusician.distill.optim import warmup_cosine

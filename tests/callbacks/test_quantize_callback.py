@@ -1,18 +1,26 @@
 """QuantizeCallback inside whole training runs (kd_quant, quant_only), failures, and the quantize CLI."""
 
 import csv
+import inspect
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 
 from tests.conftest import compose_train_cfg
-from tinymusician.callbacks.quantize import REPORT_FILE, QuantizationError, QuantizeCallback
+from tinymusician.callbacks.quantize import QuantizeCallback
 from tinymusician.models.musicgen import load_musicgen, load_tokenizer
 from tinymusician.quant import load_quantized
+from tinymusician.quant.config import QUANT_TARGET, QuantizationOptions
+from tinymusician.quant.job import REPORT_FILE, QuantizationError
+from tinymusician.quant.plan import PlanError
 from tinymusician.quantize import main as quantize_main
 from tinymusician.train import train
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: see tests/conftest.py
+transformers.logging.set_verbosity_error()  # MusicGen's pad id == vocab size is by design
 
 # eval=none: these tests are about quantization; FAD/CLAP evaluation has its own tests
 QUICK = ["validate_before_fit=false", "trainer.val_check_interval=2", "eval=none"]
@@ -204,3 +212,20 @@ def test_output_path_that_is_a_file_is_reported_not_crashed(student, tokenizer, 
     assert target.read_text() == "a file"
     with pytest.raises(QuantizationError, match="exists and is not a directory"):
         QuantizeCallback(plan="int8", on_error="raise").run(student, tokenizer, data, target)
+
+
+def test_the_configs_target_is_this_callback_and_takes_the_jobs_options(tmp_path):
+    """conf/quant/*.yaml name the callback by a string the quant config check compares against."""
+    assert QUANT_TARGET == f"{QuantizeCallback.__module__}.{QuantizeCallback.__qualname__}"
+    cfg = compose_train_cfg(["quant=adaptive"], tmp_path)
+    assert cfg.quant._target_ == QUANT_TARGET
+    assert set(cfg.quant) - {"_target_"} <= set(QuantizationOptions.option_keys())
+    callback = QuantizeCallback(**{k: v for k, v in cfg.quant.items() if k != "_target_"})
+    assert callback.options.fixed_plan is None and callback.options.search_config.per_block
+    assert callback.options.output_dir == str(tmp_path / "quantized")
+    # one list of options and defaults (QuantizationOptions'), no second one in the signature to keep in step
+    assert [p.kind for p in inspect.signature(QuantizeCallback).parameters.values()] == [
+        inspect.Parameter.VAR_KEYWORD
+    ]
+    with pytest.raises(PlanError, match=r"unknown options \['colour'\]; known: \['on_error', 'output_"):
+        QuantizeCallback(plan="int8", colour="blue")

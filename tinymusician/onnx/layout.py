@@ -1,0 +1,30 @@
+"""The bundle layout shared by the exporter and the torch-free runtime: format id, graph files, tensor names.
+
+Names and suffixes are transformers.js's (``_quantized`` = its ``q8`` dtype, ``_q4`` = ``q4``), so the same
+directory loads there; nothing here imports torch or onnxruntime.
+"""
+
+from __future__ import annotations
+
+FORMAT = "tinymusician-onnx"  # manifest.json "format"
+FORMAT_VERSION = 1  # what the exporter writes
+FORMAT_VERSIONS = (1,)  # manifest.json format_version values the runtime reads
+
+GRAPHS = ("text_encoder", "decoder_model_merged", "encodec_decode")
+QUANTIZABLE = ("text_encoder", "decoder_model_merged")  # encodec_decode stays fp32
+# precision -> graph file suffix (benchmarks/bench_onnx.py adds a comparison precision in its own process)
+PRECISIONS = {"fp32": "", "int8": "_quantized", "int4": "_q4"}
+
+DECODER_INPUTS = ("input_ids", "encoder_hidden_states", "encoder_attention_mask", "use_cache_branch")
+PAST_KINDS = ("decoder.key", "decoder.value", "encoder.key", "encoder.value")
+
+
+def graph_file(graph: str, precision: str) -> str:
+    """``onnx/<graph><suffix>.onnx``; the codec decoder is only ever fp32."""
+    suffix = PRECISIONS[precision] if graph in QUANTIZABLE else ""
+    return f"onnx/{graph}{suffix}.onnx"
+
+
+def past_names(num_layers: int, prefix: str = "past_key_values") -> list[str]:
+    """``past_key_values.{i}.decoder.key`` ... in the order the decoder graph takes (and returns) them."""
+    return [f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in PAST_KINDS]
