@@ -11,7 +11,8 @@ from hydra.errors import MissingConfigException
 
 from tests.conftest import CONF_DIR, FAST_OVERRIDES, compose_train_cfg
 from tinymusician.models.musicgen import ModelSourceError
-from tinymusician.train import ConfigError, check_config, train
+from tinymusician.train import train
+from tinymusician.training.checks import ConfigError, check_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 LOSSES = sorted(p.stem for p in (CONF_DIR / "loss").glob("*.yaml"))

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from tests.conftest import FAST_OVERRIDES, compose_train_cfg
-from tinymusician.train import CONFIG_EXIT_CODE, SIGTERM_EXIT_CODE, ConfigError, check_config, train
+from tinymusician.train import CONFIG_EXIT_CODE, SIGTERM_EXIT_CODE, train
+from tinymusician.training.checks import ConfigError, check_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_OVERRIDES = [o for o in FAST_OVERRIDES if "progress_bar" not in o]  # as test_cli_multirun_sweep
@@ -191,7 +192,7 @@ def test_codebook_metric_beyond_the_students_codebooks_fails_before_training(tmp
 def test_declared_quant_keys_cover_the_reported_ones():
     from tinymusician.callbacks.quantize import QuantizeCallback
     from tinymusician.quant.job import report_metrics
-    from tinymusician.train import metric_pattern
+    from tinymusician.training.checks import metric_pattern
 
     sizes = {"text_encoder": 1.0, "decoder": 1.0, "codec": 1.0, "total": 3.0}
     report = {

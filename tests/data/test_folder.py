@@ -16,7 +16,8 @@ from tinymusician.data.audio import AUDIO_EXTENSIONS, BadSampleError
 from tinymusician.data.datamodule import EmptySplitError
 from tinymusician.data.folder import FolderDataModule
 from tinymusician.data.listing import hash_split
-from tinymusician.train import ConfigError, check_config, train
+from tinymusician.train import train
+from tinymusician.training.checks import ConfigError, check_config
 
 # FAST_OVERRIDES without the synthetic corpus's keys, which data=folder does not have.
 FAST_FOLDER = [o for o in FAST_OVERRIDES if not o.startswith(("data.num_train", "data.num_val"))]

@@ -12,7 +12,7 @@ from tests.conftest import compose_train_cfg
 from tinymusician.data.audio import AUDIO_EXTENSIONS, BadSampleError
 from tinymusician.data.musiccaps import MusicCapsDataModule, candidate_stems
 from tinymusician.models.musicgen import load_musicgen, load_tokenizer
-from tinymusician.train import ConfigError, check_config
+from tinymusician.training.checks import ConfigError, check_config
 
 HEADER = "ytid,start_s,end_s,audioset_positive_labels,aspect_list,caption,author_id,is_balanced_subset,is_audioset_eval"
 LOSSY = "mp3" if "mp3" in AUDIO_EXTENSIONS else "ogg"

@@ -1,0 +1,41 @@
+"""What a finished training run reports: parameter counts, float metrics and the printed summary."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def count_parameters(model: torch.nn.Module | None, trainable: bool = False) -> int:
+    if model is None:
+        return 0
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a Lightning metrics dict (tensors included) as floats, for the run's summary."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))}
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    before, after = summary["before"], summary["after"]
+
+    def change(key: str) -> str:
+        if key not in after:
+            return "n/a"
+        return f"{before[key]:.3f} -> {after[key]:.3f}" if key in before else f"{after[key]:.3f}"
+
+    lines = [
+        f"TinyMusician run '{summary['task']}' finished: {summary['steps']} steps in {summary['train_seconds']} s",
+        f"  loss                 {summary['loss']}",
+        f"  student              {summary['student']} ({summary['student_trainable_params']:,} trainable params)",
+        f"  teacher              {summary['teacher']} ({summary['teacher_params']:,} params, frozen)",
+        f"  val/ce               {change('val/ce')}   (teacher {after.get('val/teacher_ce', math.nan):.3f})",
+        f"  val/kl_to_teacher    {change('val/kl_to_teacher')}",
+        f"  student saved to     {summary['student_dir']}   (save_pretrained: loads with from_pretrained)",
+        f"  best checkpoint      {summary['best_checkpoint']}",
+        f"  logs                 {summary['log_dir']}",
+    ]
+    print("\n".join(lines), flush=True)
