@@ -19,6 +19,14 @@ def synthetic(tmp_path, **kwargs) -> SyntheticDataModule:
     return SyntheticDataModule(**{**values, **kwargs})
 
 
+def opened(tmp_path, student, tokenizer, **kwargs) -> SyntheticDataModule:
+    """The synthetic datamodule set up over the cache in ``tmp_path`` (encoding what is missing or damaged)."""
+    data = synthetic(tmp_path, **kwargs)
+    data.attach(student, tokenizer)
+    data.setup()
+    return data
+
+
 def test_synthetic_default_goes_through_shards_and_matches_the_codec(tmp_path, student, tokenizer, capsys):
     data = synthetic(tmp_path)
     data.attach(student, tokenizer)
@@ -53,9 +61,7 @@ def test_complete_cache_is_read_without_encoding(tmp_path, student, tokenizer, m
         raise AssertionError("the codec ran although the cache is complete")
 
     monkeypatch.setattr(datamodule_module, "encode_audio", no_encoding)
-    again = synthetic(tmp_path, batch_size=2, segment_seconds=0.5)  # serving options are not in the key
-    again.attach(student, tokenizer)
-    again.setup()
+    again = opened(tmp_path, student, tokenizer, batch_size=2, segment_seconds=0.5)  # serving: not in the key
     torch.testing.assert_close(again.splits["val"].frames, first.splits["val"].frames)
 
 
@@ -75,9 +81,7 @@ def test_changed_config_or_codec_gets_a_new_cache(tmp_path, student, tokenizer):
 
 def prepared(tmp_path, student, tokenizer) -> tuple[SyntheticDataModule, dict[str, float]]:
     """A complete synthetic cache (3 train + 2 val shards) and each shard file's mtime."""
-    data = synthetic(tmp_path)
-    data.attach(student, tokenizer)
-    data.setup()
+    data = opened(tmp_path, student, tokenizer)
     return data, {p.name: p.stat().st_mtime_ns for p in Path(data.report["cache_dir"]).glob("*.safetensors")}
 
 
@@ -128,9 +132,7 @@ def test_overwritten_shard_content_is_reencoded_when_read(tmp_path, student, tok
     start, end = json.loads(data[8:base])["offsets"]["data_offsets"]
     damaged.write_bytes(data[: base + start] + b"\xff" * (end - start) + data[base + end :])  # same size
     calls = record_encoding(monkeypatch)
-    again = synthetic(tmp_path)
-    again.attach(student, tokenizer)
-    again.setup()
+    again = opened(tmp_path, student, tokenizer)
     assert calls == [["000005", "000006"]]
     assert again.report["repaired"][0]["problem"] == "damaged content (clip offsets or codes out of range)"
     torch.testing.assert_close(again.splits["val"].frames, first.splits["val"].frames)
@@ -148,9 +150,7 @@ def test_corrupt_report_is_rebuilt_from_the_shards_without_encoding(
         raise AssertionError("the codec ran although every shard is sound")
 
     monkeypatch.setattr(datamodule_module, "encode_audio", no_encoding)
-    again = synthetic(tmp_path)
-    again.attach(student, tokenizer)
-    again.setup()
+    again = opened(tmp_path, student, tokenizer)
     assert again.report["repaired"] == [
         {
             "file": "report.json",
@@ -175,9 +175,7 @@ def test_damaged_shard_of_an_unfinished_cache_is_reencoded_on_resume(
     damaged = root / first.report["splits"]["train"]["shards"][0]
     damaged.write_bytes(b"")
     calls = record_encoding(monkeypatch)
-    again = synthetic(tmp_path)
-    again.attach(student, tokenizer)
-    again.setup()
+    again = opened(tmp_path, student, tokenizer)
     assert calls == [["000000", "000001"]]
     assert again.report["repaired"][0]["problem"] == "truncated: 0 bytes, shorter than a safetensors header"
 
