@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from tinymusician.metrics.embedders import EmbedderError
+from tinymusician.metrics.embedders import EmbedderError, EncodecEmbedder
 from tinymusician.metrics.evaluation import (
     DEFAULT_PROMPTS,
     EvaluationError,
@@ -137,14 +137,17 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, description = load_named_model(args.model, args.base, key="--model", quantized=True)
         log.info("evaluating %s", description)
         model = model.to(args.device)
-        own_codec = [s for s in specs if s["name"] == "encodec" and not s.get("source")]
-        if own_codec and getattr(model, PLAN_ATTRIBUTE, None) is not None:
-            raise EvaluationError(
-                f"--model {args.model} is a quantized bundle: it keeps no EnCodec encoder, so it cannot be its "
-                "own FAD embedder. Give --embedder encodec:<the student directory it was quantized from> "
-                "(the same embedder as the student's score)"
-            )
-    embedders = build_embedders(specs, model, args.model, args.device)
+
+        def own_codec() -> EncodecEmbedder:
+            if getattr(model, PLAN_ATTRIBUTE, None) is not None:
+                raise EvaluationError(
+                    f"--model {args.model} is a quantized bundle: it keeps no EnCodec encoder, so it cannot be "
+                    "its own FAD embedder. Give --embedder encodec:<the student directory it was quantized from> "
+                    "(the same embedder as the student's score)"
+                )
+            return EncodecEmbedder(args.model, codec=model.audio_encoder, device=args.device)
+
+    embedders = build_embedders(specs, device=args.device, own_codec=own_codec if model is not None else None)
     done = run_evaluation(
         embedders,
         model=model,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tinymusician.metrics import VGGishEmbedder
-from tinymusician.metrics.evaluation import EvaluationError, read_prompts, run_evaluation
+from tinymusician.metrics.embedders import EmbedderError
+from tinymusician.metrics.evaluation import EvaluationError, build_embedders, read_prompts, run_evaluation
 
 
 def test_prompts_from_text_and_csv_files(tmp_path):
@@ -39,3 +40,18 @@ def test_run_evaluation_scores_a_folder_from_python(tmp_path, write_wav_folder, 
         [VGGishEmbedder(tiny_vggish_path)], reference=reference, progress=False, output_dir=tmp_path / "out2"
     )
     assert only_stats.report is None and only_stats.reference["n_clips"] == 4
+
+
+def test_build_embedders_uses_the_models_own_codec_only_where_asked():
+    own = object()
+    calls = []
+
+    def own_codec():
+        calls.append(1)
+        return own
+
+    specs = [{"name": "encodec"}, {"name": "encodec", "source": "student"}]
+    built = build_embedders(specs, device="cpu", own_codec=own_codec, own_codec_sources=("", "student"))
+    assert built == [own, own] and len(calls) == 2
+    with pytest.raises(EmbedderError, match="needs a MusicGen checkpoint when scoring a folder"):
+        build_embedders([{"name": "encodec"}], device="cpu")

@@ -18,12 +18,13 @@ import lightning as L
 import torch
 
 from tinymusician.config import to_plain
-from tinymusician.metrics.embedders import EMBEDDERS, AudioEmbedder, EncodecEmbedder, build_embedder
+from tinymusician.metrics.embedders import EMBEDDERS, EncodecEmbedder
 from tinymusician.metrics.evaluation import (
     Evaluation,
     EvaluationError,
     GeneratedSet,
     add_reference_folder,
+    build_embedders,
     clap_embedder,
     generate_audio,
     read_prompts,
@@ -215,14 +216,13 @@ class EvaluateCallback(L.Callback):
             return self.evaluation
         student = pl_module.student
         device = self.device or str(pl_module.device)
-        embedders: list[AudioEmbedder] = []
-        for spec in self.embedder_specs:
-            kwargs = {k: v for k, v in spec.items() if k != "name"}
-            if spec["name"] == "encodec" and kwargs.get("source", STUDENT_CODEC) == STUDENT_CODEC:
-                source = getattr(student.config, "name_or_path", "") or "student"
-                embedders.append(EncodecEmbedder(f"student codec ({source})", codec=student.audio_encoder))
-            else:
-                embedders.append(build_embedder(spec["name"], **{"device": device, **kwargs}))
+        source = getattr(student.config, "name_or_path", "") or "student"
+        embedders = build_embedders(
+            self.embedder_specs,
+            device=device,
+            own_codec=lambda: EncodecEmbedder(f"student codec ({source})", codec=student.audio_encoder),
+            own_codec_sources=("", STUDENT_CODEC),
+        )
         clap = None
         if self.clap_model:
             clap = clap_embedder(embedders, self.clap_model, device=device, batch_size=self.batch_size)

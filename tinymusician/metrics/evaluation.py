@@ -10,7 +10,7 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -404,21 +404,27 @@ def parse_embedder(spec: str) -> dict[str, Any]:
 
 
 def build_embedders(
-    specs: Sequence[dict[str, Any]], model: Any, model_source: str | None, device: str
+    specs: Sequence[Mapping[str, Any]],
+    *,
+    device: str,
+    own_codec: Callable[[], EncodecEmbedder] | None = None,
+    own_codec_sources: Sequence[str] = ("",),
 ) -> list[AudioEmbedder]:
+    """FAD embedders from ``{"name": ..., **kwargs}`` specs. An ``encodec`` spec whose ``source`` is missing or
+    one of ``own_codec_sources`` is the scored model's own codec: ``own_codec()`` builds that embedder (None
+    when there is no model, e.g. scoring a folder)."""
     embedders = []
     for spec in specs:
-        spec = dict(spec)
-        name = spec.pop("name")
-        if name == "encodec" and not spec.get("source"):
-            if model is None:
+        kwargs = {k: v for k, v in spec.items() if k != "name"}
+        if spec["name"] == "encodec" and (kwargs.get("source") or "") in own_codec_sources:
+            if own_codec is None:
                 raise EmbedderError(
                     "--embedder encodec needs a MusicGen checkpoint when scoring a folder: "
                     "--embedder encodec:facebook/musicgen-small (or a local directory)"
                 )
-            embedders.append(EncodecEmbedder(model_source, codec=model.audio_encoder, device=device))
+            embedders.append(own_codec())
             continue
-        embedders.append(build_embedder(name, device=device, **spec))
+        embedders.append(build_embedder(spec["name"], **{"device": device, **kwargs}))
     return embedders
 
 
