@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 METRICS = ("val/ce", "val/kl_to_teacher")
+# end-of-run evaluation (eval=default), shown when the runs have it
+EVAL_METRICS = ("eval/fad_clap", "eval/fad_encodec", "eval/clap", "eval_quant/fad_clap", "eval_quant/clap")
 
 
 def load_runs(runs_dir: Path) -> list[dict]:
@@ -44,6 +46,8 @@ def load_runs(runs_dir: Path) -> list[dict]:
 
 
 def mean_std(values: list[float]) -> str:
+    if not values:
+        return "n/a"
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
@@ -55,9 +59,11 @@ def table(runs: list[dict]) -> str:
         by_arm[run["arm"]].append(run["summary"])
     order = sorted(by_arm, key=lambda arm: statistics.mean(s["after"]["val/ce"] for s in by_arm[arm]))
     teacher_ce = statistics.mean(s["after"].get("val/teacher_ce", float("nan")) for s in runs_summaries(runs))
+    evals = [k for k in EVAL_METRICS if any(k in s.get("post_training", {}) for s in runs_summaries(runs))]
     lines = [
-        "| arm | seeds | steps | val/ce (before -> after) | val/kl_to_teacher (after) |",
-        "|---|---|---|---|---|",
+        "| arm | seeds | steps | val/ce (before -> after) | val/kl_to_teacher (after) |"
+        + "".join(f" {k} |" for k in evals),
+        "|---|---|---|---|---|" + "---|" * len(evals),
     ]
     for arm in order:
         summaries = by_arm[arm]
@@ -66,8 +72,19 @@ def table(runs: list[dict]) -> str:
         kl = mean_std(
             [s["after"]["val/kl_to_teacher"] for s in summaries if "val/kl_to_teacher" in s["after"]]
         )
-        lines.append(f"| {arm} | {len(summaries)} | {summaries[0]['steps']} | {before} -> {after} | {kl} |")
-    lines.append(f"\nTeacher val/ce: {teacher_ce:.3f}. Mean ± sample std over seeds; lower is better.")
+        extra = "".join(
+            f" {mean_std([s['post_training'][k] for s in summaries if k in s.get('post_training', {})])} |"
+            for k in evals
+        )
+        lines.append(
+            f"| {arm} | {len(summaries)} | {summaries[0]['steps']} | {before} -> {after} | {kl} |{extra}"
+        )
+    lines.append(
+        f"\nTeacher val/ce: {teacher_ce:.3f}. Mean ± sample std over seeds; lower is better (CLAP: higher)."
+    )
+    setups = {s.get("eval_setup") for s in runs_summaries(runs) if s.get("eval_setup")}
+    if setups:
+        lines.append("Evaluation: " + "; ".join(sorted(setups)) + ".")
     return "\n".join(lines)
 
 
@@ -100,15 +117,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs_dir", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--title", default="KD losses vs the CE baseline on the embedded default")
+    parser.add_argument("--script", default="experiments/loss_comparison.sh")
     args = parser.parse_args()
     runs = load_runs(args.runs_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     plot_path = plot(runs, args.out)
     text = "\n".join(
         [
-            "# KD losses vs the CE baseline on the embedded default",
+            f"# {args.title}",
             "",
-            "Reproduce: `bash experiments/loss_comparison.sh` (then this report: "
+            f"Reproduce: `bash {args.script}` (then this report: "
             f"`python experiments/report.py {args.runs_dir} --out {args.out}`).",
             "",
             table(runs),

@@ -1,4 +1,4 @@
-"""Offline, CPU-only fixtures: a fast tiny MusicGen pair built once per session through the public path."""
+"""Offline, CPU-only fixtures: the shipped tiny world's MusicGen pair, loaded through the public path."""
 
 from __future__ import annotations
 
@@ -30,10 +30,7 @@ from tinymusician.zoo.tiny import (  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
-# A smaller teacher budget than the default so the session builds its pair in seconds.
-FAST_TINY = {"teacher_steps": 60, "teacher_clips": 128}
 FAST_OVERRIDES = [
-    *(f"model.tiny.{key}={value}" for key, value in FAST_TINY.items()),
     "data.num_train=32",
     "data.num_val=16",
     "data.batch_size=8",
@@ -53,11 +50,11 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_pair(cache_dir: Path):
-    """The fast tiny pair, trained teacher included, saved with save_pretrained."""
-    from tinymusician.zoo.tiny import ensure_tiny_pair
+def tiny_pair():
+    """The shipped world's trained teacher and untrained student (save_pretrained directories)."""
+    from tinymusician.zoo.tiny import shipped_pair
 
-    return ensure_tiny_pair(cache_dir, TinySpec(**FAST_TINY))
+    return shipped_pair()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,20 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "tinymusician"
 
 # Bottom -> top (../shared/STYLE.md): a module imports from its own layer's package or a lower one.
-LAYERS = ("config", "models", "data", "distill", "quant", "metrics", "onnx", "zoo", "callbacks", "training")
+LAYERS = (
+    "config",
+    "shipped",
+    "models",
+    "data",
+    "distill",
+    "quant",
+    "metrics",
+    "onnx",
+    "zoo",
+    "world",
+    "callbacks",
+    "training",
+)
 CLIS = ("train", "evaluate", "generate", "quantize", "export", "prepare")  # top-level entry points
 # An old command name kept working; it may import its CLI, only under `if __name__ == "__main__":`.
 SHIMS = {"tinymusician.data.prepare": "tinymusician.prepare"}

@@ -42,7 +42,7 @@ def prepare(cfg: DictConfig, progress: bool = True) -> dict:
     (``python -m tinymusician.data.prepare``, this command's old name, still works.)"""
     datamodule = build_datamodule(cfg)
     check_model_config(cfg.model)
-    student, _ = resolve_sources(cfg.model, cfg.paths.cache_dir)
+    student, _ = resolve_sources(cfg.model)
     model = load_musicgen(student)
     report = datamodule.prepare_tokens(model, progress=progress, print_report=False)
     print(format_report(report, max_listed=50), flush=True)

@@ -64,7 +64,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=False)
 
-    models = load_teacher_student(cfg.model, cfg.paths.cache_dir)
+    models = load_teacher_student(cfg.model)
     metric = cfg.get("optimized_metric")
     num_codebooks = models.student.config.decoder.num_codebooks
     codebook = re.fullmatch(r"val/ce_q(\d+)", str(metric))
@@ -129,15 +129,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "log_dir": str(output_dir),
         "status": "finished",
     }
-    for callback in post_training:  # a failed (on_error: warn) quantization is said so in the summary
+    post_metrics: dict[str, float] = {}
+    for callback in post_training:  # quant/* and eval/* results, so sweeps can optimise them too
+        post_metrics.update(scalar_metrics(getattr(callback, "last_metrics", None) or {}))
         report = getattr(callback, "report", None)
-        if isinstance(report, dict) and report.get("status") != "ok":
+        if isinstance(report, dict) and report.get("status") != "ok":  # a failed on_error: warn quantization
             summary["quant_error"] = report.get("error")
+        if getattr(callback, "last_report_path", None) is not None:
+            summary["eval_report"] = str(callback.last_report_path)
+            summary["eval_setup"] = callback.describe()
+    summary["post_training"] = post_metrics
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
-    metrics = {**{f"before/{k}": v for k, v in before.items()}, **module.last_train_logs, **after}
-    for callback in post_training:  # quant/* and eval/* results, so sweeps can optimise them too
-        metrics.update(scalar_metrics(getattr(callback, "last_metrics", None) or {}))
+    metrics = {
+        **{f"before/{k}": v for k, v in before.items()},
+        **module.last_train_logs,
+        **after,
+        **post_metrics,
+    }
     return metrics, {
         "cfg": cfg,
         "module": module,

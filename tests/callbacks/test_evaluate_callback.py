@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 
 from tests.conftest import compose_train_cfg
 from tinymusician.callbacks.evaluate import EvaluateCallback
+from tinymusician.data.synthetic import heldout_clips
 from tinymusician.train import train
 
 
@@ -39,6 +40,9 @@ def evaluated_run(tmp_path_factory, tiny_pair, tiny_clap_dir):
         [
             "+experiment=kd_only",
             "eval=default",
+            "eval.prompts=null",  # the prompts file and the val reference here; the tiny world's default: tests/world
+            "eval.reference=val",
+            "eval.embedders=[{name: encodec, source: student}]",
             "eval.seconds=1.0",
             "eval.num_prompts=4",
             "eval.reference_max_clips=8",
@@ -119,4 +123,9 @@ def test_eval_configs_fail_at_startup_with_clear_messages(tmp_path, monkeypatch)
     with pytest.raises(Exception, match="eval.reference=.*refs.*does not exist"):
         instantiate(missing.eval)
     callback = instantiate(compose_train_cfg(["eval=default"], tmp_path).eval)
-    assert isinstance(callback, EvaluateCallback) and len(callback.prompts) == 8
+    assert isinstance(callback, EvaluateCallback) and len(callback.prompts) == 64  # the held-out captions
+    assert callback.prompts[:2] == [clip.caption for clip in heldout_clips(2, seconds=0.1)]
+    from_file = instantiate(compose_train_cfg(["eval=default", "eval.prompts=null"], tmp_path).eval)
+    assert len(from_file.prompts) == 8
+    with pytest.raises(Exception, match="eval.prompts='held': give a list of prompts, or `heldout`"):
+        instantiate(compose_train_cfg(["eval=default", "eval.prompts=held"], tmp_path).eval)

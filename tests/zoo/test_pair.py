@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 from transformers import MusicgenConfig, T5Config
 
 import tinymusician.zoo.pair as pair
-from tests.conftest import FAST_TINY, compose_train_cfg
+from tests.conftest import compose_train_cfg
 from tinymusician.models.musicgen import load_musicgen
+from tinymusician.shipped import world_part
 from tinymusician.train import train
 from tinymusician.zoo.pair import (
     IncompatiblePairError,
@@ -22,19 +23,16 @@ from tinymusician.zoo.pair import (
     check_model_config,
     pair_differences,
 )
-from tinymusician.zoo.tiny import TinySpec, build_tokenizer, musicgen_config
 
 
 def tiny_model_cfg(**values):
-    """``conf/model/tiny.yaml`` with the fast test recipe, as ``cfg.model``."""
-    return OmegaConf.create(
-        {"student": "tiny", "teacher": "tiny", "teacher_dtype": "float32", "tiny": dict(FAST_TINY), **values}
-    )
+    """``conf/model/tiny.yaml`` as ``cfg.model``."""
+    return OmegaConf.create({"student": "tiny", "teacher": "tiny", "teacher_dtype": "float32", **values})
 
 
 def tiny_config(role: str) -> MusicgenConfig:
-    spec = TinySpec(**FAST_TINY)
-    return musicgen_config(spec, getattr(spec, role), len(build_tokenizer()))
+    """The shipped world's config of ``role`` (config.json only)."""
+    return MusicgenConfig.from_pretrained(world_part(role))
 
 
 def config_only_dir(config: MusicgenConfig, directory: Path) -> Path:
@@ -60,12 +58,14 @@ def test_pair_check_ignores_dtype_and_bookkeeping():
     assert teacher.decoder.hidden_size != student.decoder.hidden_size
 
 
-def test_tiny_pair_is_checked_at_startup_without_building_it(monkeypatch):
+def test_tiny_pair_is_checked_at_startup_without_loading_it(monkeypatch):
     def refuse(*args, **kwargs):
-        raise AssertionError("the start-up check must not build the tiny pair")
+        raise AssertionError("the start-up check must not load the tiny pair's weights")
 
-    monkeypatch.setattr(pair, "ensure_tiny_pair", refuse)
+    monkeypatch.setattr(pair, "load_musicgen", refuse)
     check_model_config(tiny_model_cfg(teacher_dtype="bfloat16"))
+    with pytest.raises(AssertionError, match="must not load"):
+        pair.load_teacher_student(tiny_model_cfg())
 
 
 @pytest.mark.parametrize(
@@ -159,7 +159,6 @@ def test_train_cli_stops_at_startup_on_an_incompatible_pair(tmp_path):
         "tinymusician.train",
         "+experiment=kd_only",
         f"model.teacher={teacher}",
-        *(f"model.tiny.{key}={value}" for key, value in FAST_TINY.items()),
         f"paths.log_dir={tmp_path / 'logs'}",
     ]
     result = subprocess.run(
@@ -171,5 +170,6 @@ def test_train_cli_stops_at_startup_on_an_incompatible_pair(tmp_path):
     )
     assert result.returncode != 0
     assert "decoder.num_codebooks: teacher 8, student 4" in result.stderr, result.stderr[-3000:]
-    # failed at start-up: the tiny student it names was never built (nor any model loaded)
-    assert not cache.exists() or not any(cache.glob("tiny-*"))
+    # failed at start-up: no model was loaded, so nothing was encoded or saved
+    assert not cache.exists() or not any(cache.rglob("*.safetensors"))
+    assert not any((tmp_path / "logs").rglob("model.safetensors"))

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 
 from tinymusician.config import to_plain
+from tinymusician.data.synthetic import heldout_clips
 from tinymusician.metrics.embedders import EMBEDDERS, EncodecEmbedder
 from tinymusician.metrics.evaluation import (
     Evaluation,
@@ -36,6 +37,8 @@ from tinymusician.metrics.evaluation import (
 log = logging.getLogger(__name__)
 
 STUDENT_CODEC = "student"  # encodec source meaning "the student's own codec" (works offline)
+HELDOUT = "heldout"  # reference (and prompts): the synthetic corpus's held-out clips, rendered directly
+HELDOUT_DEFAULT_CLIPS = 64
 
 
 def find_quantized_model(trainer: L.Trainer) -> tuple[Any, str] | tuple[None, None]:
@@ -52,13 +55,16 @@ class EvaluateCallback(L.Callback):
 
     Args:
         prompts / prompts_file: inline prompts or a file with one prompt per line; ``num_prompts`` keeps the
-            first N.
+            first N. ``prompts: heldout`` = the captions of the held-out clips (``reference: heldout``'s).
         seconds, guidance_scale, seed, batch_size: generation (each clip ``round(seconds * frame_rate)`` codec frames).
         embedders: FAD embedders: names or ``{name: ..., **kwargs}``; ``{name: encodec, source: student}``
             uses the student's own codec (offline).
-        reference: ``val`` (the validation clips decoded from their codes with the codec), a folder of WAVs,
-            or a statistics file written by ``python -m tinymusician.evaluate --save-stats``.
-        clap_model: hub id / directory of a CLAP model for the CLAP score; None skips it.
+        reference: ``heldout`` (the synthetic corpus's held-out clips, never trained on by the world or a default
+            split, rendered directly: ``num_prompts`` of them, 64 by default), ``val`` (the validation clips
+            decoded from their codes with the codec), a folder of WAVs, or a statistics file written by
+            ``python -m tinymusician.evaluate --save-stats``.
+        clap_model: hub id / directory of a CLAP model for the CLAP score (``tiny``: the tiny world's); None
+            skips it.
         fad_inf: also report FAD-infinity. every_n_epochs: evaluate during training too.
         log_audio: how many clips to log to loggers that take audio (wandb, TensorBoard).
         output_dir: WAVs and ``report.json`` go to ``output_dir/<final|epochNNN>/``.
@@ -66,7 +72,7 @@ class EvaluateCallback(L.Callback):
 
     def __init__(
         self,
-        prompts: Sequence[str] | None = None,
+        prompts: Sequence[str] | str | None = None,
         prompts_file: str | None = None,
         num_prompts: int | None = None,
         seconds: float = 2.0,
@@ -85,8 +91,15 @@ class EvaluateCallback(L.Callback):
         device: str | None = None,
     ) -> None:
         # Everything checkable without weights fails here, before training starts.
-        self.prompts = read_prompts(to_plain(prompts), prompts_file, num_prompts)
-        self.prompts_source = prompts_file if not prompts else "inline"
+        self.heldout_clips = num_prompts or HELDOUT_DEFAULT_CLIPS  # reference: heldout's N
+        if prompts == HELDOUT:  # captions do not depend on the clip length: render 0.1 s to read them
+            self.prompts = [clip.caption for clip in heldout_clips(self.heldout_clips, seconds=0.1)]
+            self.prompts_source = f"captions of {self.heldout_clips} held-out synthetic clips"
+        elif isinstance(prompts, str):
+            raise EvaluationError(f"eval.prompts={prompts!r}: give a list of prompts, or `{HELDOUT}`")
+        else:
+            self.prompts = read_prompts(to_plain(prompts), prompts_file, num_prompts)
+            self.prompts_source = prompts_file if not prompts else "inline"
         if seconds <= 0 or not math.isfinite(seconds):
             raise EvaluationError(f"eval.seconds={seconds}: must be positive")
         if guidance_scale < 1.0:
@@ -105,11 +118,12 @@ class EvaluateCallback(L.Callback):
                 )
         if not self.embedder_specs and not clap_model:
             raise EvaluationError("eval: no embedders and no clap_model, so there is nothing to compute")
-        if reference != "val":
+        if reference not in ("val", HELDOUT):
             path = resolve_path(reference)
             if not path.exists():
                 raise FileNotFoundError(
-                    f"eval.reference={reference!r} does not exist; use `val`, a folder of WAVs or a stats file"
+                    f"eval.reference={reference!r} does not exist; use `{HELDOUT}`, `val`, a folder of WAVs or a "
+                    "stats file"
                 )
             reference = str(path)
         self.seconds, self.guidance_scale = seconds, guidance_scale
@@ -131,6 +145,18 @@ class EvaluateCallback(L.Callback):
         keys += [f"fad_inf_{name}" for name in names] if self.fad_inf else []
         keys += ["clap"] if self.clap_model else []
         return [f"{prefix}/{key}" for prefix in ("eval", "eval_quant") for key in keys]
+
+    def describe(self) -> str:
+        """What the eval/* numbers are: N, clip length, embedders, reference, CLAP model."""
+        embedders = ", ".join(
+            spec["name"] + (f" ({spec['source']})" if spec.get("source") else "")
+            for spec in self.embedder_specs
+        )
+        reference = self.reference if self.reference in ("val", HELDOUT) else Path(self.reference).name
+        return (
+            f"N={len(self.prompts)} prompts ({self.prompts_source}), {self.seconds:g} s, FAD embedders [{embedders}], "
+            f"reference {reference}, CLAP {self.clap_model or 'none'}"
+        )
 
     # --- hooks --------------------------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -226,7 +252,7 @@ class EvaluateCallback(L.Callback):
         clap = None
         if self.clap_model:
             clap = clap_embedder(embedders, self.clap_model, device=device, batch_size=self.batch_size)
-        is_stats = self.reference != "val" and Path(self.reference).is_file()
+        is_stats = self.reference not in ("val", HELDOUT) and Path(self.reference).is_file()
         evaluation = Evaluation(
             embedders,
             clap=clap,
@@ -238,6 +264,8 @@ class EvaluateCallback(L.Callback):
         if embedders and not is_stats:
             if self.reference == "val":
                 self._add_val_reference(evaluation, trainer, pl_module)
+            elif self.reference == HELDOUT:
+                self._add_heldout_reference(evaluation, trainer, pl_module)
             else:
                 self._add_folder_reference(evaluation, trainer)
         self.evaluation = evaluation
@@ -276,6 +304,25 @@ class EvaluateCallback(L.Callback):
                 "description": "validation clips decoded from their codes with the student's codec",
                 "n_clips": count,
                 "clip_seconds": round(seconds / max(len(indices), 1), 4),
+            }
+        )
+
+    def _add_heldout_reference(
+        self, evaluation: Evaluation, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> None:
+        """The held-out synthetic clips themselves (not codec reconstructions), at the codec's sample rate."""
+        rate = int(pl_module.student.config.audio_encoder.sampling_rate)
+        count = self.reference_max_clips or self.heldout_clips
+        clips = heldout_clips(count, seconds=self.seconds, sample_rate=rate)
+        mine = [torch.from_numpy(c.audio) for c in clips[trainer.global_rank :: trainer.world_size]]
+        for start in range(0, len(mine), self.batch_size):
+            evaluation.add_reference(mine[start : start + self.batch_size], rate)
+        evaluation.set_reference(
+            {
+                "kind": HELDOUT,
+                "description": "held-out synthetic clips (data.synthetic.heldout_clips), rendered directly",
+                "n_clips": count,
+                "clip_seconds": self.seconds,
             }
         )
 

@@ -1,6 +1,6 @@
 """Seeded synthetic music clips whose captions describe them: the offline corpus and its datamodule.
 
-Each clip is a short monophonic melody whose instrument, tempo, register, loudness and mode are drawn at
+Each clip is a short monophonic melody (opening on the tonic triad) whose instrument, tempo, register, loudness and mode are drawn at
 random and all named in its caption, so a tiny text-conditioned model has real caption -> audio structure
 to learn without downloading anything. :class:`SyntheticDataModule` (``data=synthetic``, the default)
 serves the corpus through the token cache like any other dataset.
@@ -134,13 +134,26 @@ def synthesize_corpus(
     ]
 
 
+HELDOUT_START = 10_000_000  # clip indices from here on are never trained on: the held-out (FAD reference) set
+
+
+def heldout_clips(
+    num_clips: int, *, seconds: float = 2.0, sample_rate: int = 16000, seed: int = 0
+) -> list[SyntheticClip]:
+    """The held-out clips, rendered directly: every world model and default split stays below their indices."""
+    return synthesize_corpus(
+        num_clips, seed=seed, seconds=seconds, sample_rate=sample_rate, start=HELDOUT_START
+    )
+
+
 def _melody(
     attributes: dict[str, str], rng: np.random.Generator, num_samples: int, sample_rate: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Note onsets (samples), durations (seconds) and frequencies (Hz) of a phrase looped to fill the clip.
 
-    The phrase is motif, motif shifted up or down the scale, motif, cadence to the tonic: enough repetition
-    that the continuation of a clip is predictable from its start.
+    The phrase is the tonic triad (so the mode is heard against a known tonic from the first beat), motif,
+    motif shifted up or down the scale, cadence to the tonic: enough repetition that the continuation of a
+    clip is predictable from its start.
     """
     rhythm = _MOTIF_RHYTHMS[rng.integers(len(_MOTIF_RHYTHMS))]
     start_degree = rng.integers(0, 5)
@@ -148,7 +161,8 @@ def _melody(
     motif = np.clip(np.concatenate([[start_degree], start_degree + np.cumsum(steps)]), 0, 7)
     shift = rng.choice([-2, -1, 1, 2])
     cadence_from = rng.choice([1, 4])
-    degrees = np.concatenate([motif, motif + shift, motif, [cadence_from, 0]])
+    triad = np.array([0, 2, 4, 2])[: len(rhythm)]  # root, third (major or minor), fifth
+    degrees = np.concatenate([triad, motif, motif + shift, [cadence_from, 0]])
     degrees = np.clip(degrees, _LOWEST_DEGREE, _HIGHEST_DEGREE)
     units = np.array(rhythm + rhythm + rhythm + (2, 2), dtype=np.float64)
     tonic = _TONIC_MIDI[attributes["register"]] + rng.integers(0, 5)
@@ -270,6 +284,11 @@ class SyntheticDataModule(CodesDataModule):
                 raise EmptySplitError(f"data.{key}={value}: the split would be empty; set data.{key} >= 1")
         if seconds <= 0:
             raise ValueError(f"data.seconds={seconds}: clip length must be positive")
+        if num_train + num_val > HELDOUT_START:
+            raise ValueError(
+                f"data.num_train + data.num_val = {num_train + num_val}: clips from index {HELDOUT_START} on are "
+                "the held-out evaluation set (data.synthetic.HELDOUT_START); use fewer clips"
+            )
         super().__init__(**kwargs)
         self.num_train, self.num_val, self.seconds, self.seed = num_train, num_val, seconds, seed
 

@@ -32,6 +32,7 @@ from tinymusician.metrics.vggish import (
     read_vggish_weights,
     vggish_examples,
 )
+from tinymusician.shipped import resolve_tiny
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ class ClapEmbedder(AudioEmbedder):
         super().__init__(device=device, batch_size=batch_size)
         from transformers import ClapProcessor
 
+        source = resolve_tiny(source, "clap")  # `tiny`: the tiny world's CLAP
         if model is None and not source:
             raise EmbedderError(
                 "clap embedder: give `source` (hub id or directory of a ClapModel) or a model"

@@ -29,6 +29,7 @@ from tinymusician.metrics.embedders import (
     build_embedder,
 )
 from tinymusician.metrics.fad import FrechetAudioDistance, save_stats
+from tinymusician.shipped import resolve_tiny
 
 log = logging.getLogger(__name__)
 
@@ -432,6 +433,7 @@ def clap_embedder(
     embedders: Sequence[AudioEmbedder], source: str, *, device: str, **kwargs: Any
 ) -> ClapEmbedder:
     """The CLAP model of the CLAP score: the FAD embedder of the same source if there is one (loaded once)."""
+    source = resolve_tiny(source, "clap")
     shared = next((e for e in embedders if isinstance(e, ClapEmbedder) and e.source == source), None)
     return shared or ClapEmbedder(source, device=device, **kwargs)
 

@@ -45,7 +45,7 @@ def torch_generate(
     guidance_scale: float = 3.0,
     do_sample: bool = True,
     temperature: float = 1.0,
-    top_k: int = 250,
+    top_k: int | None = None,
     seed: int | None = None,
     max_text_tokens: int = 256,
     progress: bool = False,
@@ -53,8 +53,12 @@ def torch_generate(
     """transformers' ``generate`` for exactly ``frames`` codec frames -> (audio ``[B, samples]``, codes ``[B, K, T]``).
 
     The codes are taken where ``generate`` hands them to the codec decoder, so they are transformers' own.
+    ``top_k=None``: the model's ``generation_config.top_k`` (250 for MusicGen's checkpoints).
     """
     import torch
+
+    if top_k is None:
+        top_k = getattr(model.generation_config, "top_k", None) or 250
 
     if any(not p.strip() for p in prompts) or not prompts:
         raise GenerationError("empty prompt: describe the music to generate")

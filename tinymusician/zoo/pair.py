@@ -13,7 +13,6 @@ import transformers
 from omegaconf import DictConfig
 from transformers import AutoConfig, MusicgenConfig, MusicgenForConditionalGeneration, PreTrainedTokenizerBase
 
-from tinymusician.config import to_plain
 from tinymusician.models.musicgen import (
     DTYPES,
     check_model_source,
@@ -22,11 +21,9 @@ from tinymusician.models.musicgen import (
     load_tokenizer,
     looks_like_path,
 )
-from tinymusician.zoo.tiny import TinySpec, build_tokenizer, ensure_tiny_pair, musicgen_config
+from tinymusician.shipped import resolve_tiny
 
 log = logging.getLogger(__name__)
-
-TINY = "tiny"
 
 # What "the same codec, vocabulary and T5" means for position-by-position distillation. Architecture only:
 # bookkeeping such as dtype (a bf16 teacher writes `dtype: bfloat16`), _name_or_path, architectures or
@@ -79,24 +76,12 @@ def quiet_transformers() -> Iterator[None]:
         transformers.logging.set_verbosity(verbosity)
 
 
-def tiny_spec(model_cfg: DictConfig) -> TinySpec:
-    return TinySpec.from_dict(to_plain(model_cfg.get("tiny") or {}))
-
-
 def source_config(model_cfg: DictConfig, role: str) -> MusicgenConfig:
-    """``model.<role>``'s MusicgenConfig without loading weights: config.json only, or the tiny recipe.
-
-    The tiny pair is built lazily (training its teacher takes a minute), but its config follows from
-    :class:`TinySpec` alone, so a tiny/directory mix is checked at start-up too.
-    """
-    source = str(model_cfg.get(role))
+    """``model.<role>``'s MusicgenConfig without loading weights: config.json only (``tiny``: the shipped world's)."""
+    source = resolve_tiny(str(model_cfg.get(role)), role)
     key = f"model.{role}"
-    if source != TINY:
-        check_model_source(source, key)
+    check_model_source(source, key)
     with quiet_transformers():
-        if source == TINY:
-            spec = tiny_spec(model_cfg)
-            return musicgen_config(spec, getattr(spec, role), len(build_tokenizer()))
         try:
             config = AutoConfig.from_pretrained(
                 str(Path(source).expanduser()) if looks_like_path(source) else source
@@ -163,14 +148,11 @@ def check_model_config(model_cfg: DictConfig) -> None:
         check_pair_configs(student, teacher, str(model_cfg.student), str(model_cfg.teacher))
 
 
-def resolve_sources(model_cfg: DictConfig, cache_dir: str) -> tuple[str, str | None]:
-    """Replace ``tiny`` by the cached tiny pair's directories, building it on first use."""
-    student, teacher = model_cfg.student, model_cfg.get("teacher")
-    if TINY in (student, teacher):
-        pair = ensure_tiny_pair(cache_dir, tiny_spec(model_cfg))
-        student = str(pair.student) if student == TINY else student
-        teacher = str(pair.teacher) if teacher == TINY else teacher
-    return str(student), (str(teacher) if teacher is not None else None)
+def resolve_sources(model_cfg: DictConfig) -> tuple[str, str | None]:
+    """Replace ``tiny`` by the shipped world's teacher / student directories."""
+    teacher = model_cfg.get("teacher")
+    student = resolve_tiny(str(model_cfg.student), "student")
+    return str(student), (resolve_tiny(str(teacher), "teacher") if teacher is not None else None)
 
 
 def check_compatible(
@@ -192,9 +174,9 @@ def check_compatible(
             )
 
 
-def load_teacher_student(model_cfg: DictConfig, cache_dir: str) -> TeacherStudent:
+def load_teacher_student(model_cfg: DictConfig) -> TeacherStudent:
     """Student in fp32 (it trains), teacher frozen in ``model.teacher_dtype``; tokenizer from the student."""
-    student_source, teacher_source = resolve_sources(model_cfg, cache_dir)
+    student_source, teacher_source = resolve_sources(model_cfg)
     with quiet_transformers():
         student = load_musicgen(student_source)
         teacher = None

@@ -115,7 +115,8 @@ def load_source(
         load_musicgen,
         load_tokenizer,
     )
-    from tinymusician.zoo.pair import TINY, quiet_transformers, resolve_sources
+    from tinymusician.shipped import TINY, resolve_tiny
+    from tinymusician.zoo.pair import quiet_transformers
 
     if quantized and source != TINY:
         from tinymusician.quant.bundle import is_bundle, load_quantized
@@ -137,10 +138,7 @@ def load_source(
             )
     else:
         architecture = source
-    if architecture == TINY:
-        with_tiny = cfg.model.copy()
-        with_tiny.student, with_tiny.teacher = TINY, None
-        architecture, _ = resolve_sources(with_tiny, cfg.paths.cache_dir)
+    architecture = resolve_tiny(architecture, "student")
     check_model_source(architecture, "--base" if checkpoint is not None else key)
     with quiet_transformers():
         student = load_musicgen(architecture)
