@@ -48,10 +48,22 @@ def measured():
     return measure_world(WORLD_DIR, n_clips=24, clap_clips=64, progress=False)
 
 
+# What the shipped world shows (experiments/world/report.md). The codec-latent FAD does NOT rank the untrained
+# student's generations below the teacher's there (the report says so); it only separates both from noise.
+HOLDS = (
+    "clap(teacher, own prompts) > clap(teacher, shuffled)",
+    "fad_clap: teacher < untrained student < noise",
+    "codec mel distance < untrained codec's",
+    "clap R@1 >= 10x chance",
+)
+
+
 def test_shipped_world_orderings_hold_on_a_small_sample(measured):
-    failed = [name for name, holds in measured["orderings"].items() if not holds]
+    failed = [name for name in HOLDS if not measured["orderings"][name]]
     assert not failed, (failed, measured["summary"])
     scores = measured["scores"]
+    assert scores["teacher"]["fad_encodec"] < scores["noise"]["fad_encodec"]
+    assert scores["untrained_student"]["fad_encodec"] < scores["noise"]["fad_encodec"]
     # the metrics tell real audio from noise, and matched from mismatched captions
     assert scores["heldout_clips"]["fad_clap"] < scores["noise"]["fad_clap"]
     assert scores["heldout_clips"]["clap"] > scores["heldout_shuffled_prompts"]["clap"]
