@@ -202,6 +202,33 @@ def make_batches(model, tokenizer, count: int = 2, frames: int = 16, seed: int =
     return batches
 
 
+def make_corpus_batches(
+    model, tokenizer, count: int = 2, clips: int = 4, seconds: float = 0.64
+) -> list[dict]:
+    """Teacher-forcing batches of what a trained model was made for: held-out corpus clips encoded by its own
+    codec, with their captions (random codes are off-distribution for it, and flip its top-1 far more easily)."""
+    from tinymusician.data.codec_tokens import encode_audio
+    from tinymusician.data.synthetic import heldout_clips
+
+    corpus = heldout_clips(
+        count * clips, seconds=seconds, sample_rate=model.config.audio_encoder.sampling_rate
+    )
+    codes = encode_audio(model, [clip.audio for clip in corpus])
+    batches = []
+    for start in range(0, len(corpus), clips):
+        text = tokenizer(
+            [c.caption for c in corpus[start : start + clips]], padding=True, return_tensors="pt"
+        )
+        chunk = torch.stack(codes[start : start + clips])
+        batches.append({"codes": chunk, "lengths": torch.full((clips,), chunk.shape[-1]), **text})
+    return batches
+
+
+@pytest.fixture(scope="session")
+def corpus_batch_maker():
+    return make_corpus_batches
+
+
 @pytest.fixture(scope="module")
 def batches(student, tokenizer) -> list[dict]:
     return make_batches(student, tokenizer)

@@ -13,11 +13,9 @@ import pytest
 import soundfile as sf
 from safetensors.torch import load_file
 
-from tests.conftest import FAST_TINY
 from tinymusician.data.datamodule import CodesDataModule
 from tinymusician.prepare import main
 
-MODEL = [f"model.tiny.{key}={value}" for key, value in FAST_TINY.items()]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -57,7 +55,6 @@ def args(root: Path, cache: Path, *extra: str) -> list[str]:
         f"data.cache_dir={cache}",
         "data.shard_size=2",
         "data.min_seconds=0.2",
-        *MODEL,
         *extra,
         "--no-progress",
     ]

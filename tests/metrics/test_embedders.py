@@ -105,13 +105,13 @@ def test_encodec_embedder_from_a_musicgen_checkpoint(tiny_pair, make_clips):
 
     embedder = EncodecEmbedder(str(tiny_pair.student))
     assert (embedder.dim, embedder.sample_rate, embedder.frame_rate) == (
-        32,
+        64,  # the tiny world codec's latent width (hidden_size)
         16000,
         50.0,
     ) and not embedder.loaded
     audio, _ = make_clips(2, seconds=1.0, sample_rate=32000)
     frames = embedder.embed(audio, 32000)
-    assert [f.shape for f in frames] == [(50, 32)] * 2
+    assert [f.shape for f in frames] == [(50, 64)] * 2
     codec = load_musicgen(str(tiny_pair.student)).audio_encoder
     given = EncodecEmbedder("student", codec=codec)
     torch.testing.assert_close(given.embed(audio, 32000)[0], frames[0])

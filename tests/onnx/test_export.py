@@ -53,9 +53,10 @@ def test_bundle_has_the_transformers_js_layout(bundle):
 # limits for any user model) so that loosening that check cannot loosen these. Measured on this AVX2 CPU
 # without VNNI, student / teacher: int8 (uint8 weights) 0.007 / 0.006, int4 0.087 / 0.038; every weight scale
 # off by 10%: int8 0.10 / 0.11, int4 0.137 / 0.126; int8 weights (U8S8, saturating here) 0.24 / 0.04.
+# The tiny world's teacher (trained 2000 steps, wider weight ranges): int8 0.012, int4 0.084.
 MAX_ERROR = {
     "student": {"fp32": 1e-4, "int8": 0.025, "int4": 0.12},
-    "teacher": {"fp32": 1e-4, "int8": 0.025, "int4": 0.08},
+    "teacher": {"fp32": 1e-4, "int8": 0.025, "int4": 0.11},
 }
 MIN_TOP1 = {"fp32": 1.0, "int8": 0.95, "int4": 0.8}
 FIDELITY_PROMPTS = [*PROMPTS, "slow organ chords", "a tune"]

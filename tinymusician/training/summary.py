@@ -19,6 +19,14 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))}
 
 
+# Post-training numbers the summary prints (summary.json and the loggers keep every one).
+QUANT_HEADLINE = ("quant/size_mb", "quant/reduction", "quant/top1_agree")
+
+
+def headline(key: str) -> bool:
+    return key in QUANT_HEADLINE or key.startswith(("eval/", "eval_quant/"))
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     before, after = summary["before"], summary["after"]
 
@@ -34,7 +42,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"  teacher              {summary['teacher']} ({summary['teacher_params']:,} params, frozen)",
         f"  val/ce               {change('val/ce')}   (teacher {after.get('val/teacher_ce', math.nan):.3f})",
         f"  val/kl_to_teacher    {change('val/kl_to_teacher')}",
-        *[f"  {key:<20} {value:.4f}" for key, value in summary.get("post_training", {}).items()],
+        *[
+            f"  {key:<20} {value:.4f}"
+            for key, value in summary.get("post_training", {}).items()
+            if headline(key)
+        ],
         *([f"  eval setup           {summary['eval_setup']}"] if summary.get("eval_setup") else []),
         *([f"  eval report          {summary['eval_report']}"] if summary.get("eval_report") else []),
         f"  student saved to     {summary['student_dir']}   (save_pretrained: loads with from_pretrained)",

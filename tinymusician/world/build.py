@@ -43,8 +43,8 @@ BUDGETS = {
     # the slow test's rebuild: minutes, and still every ordering the report checks
     "small": Budget(
         codec=CodecRecipe(steps=240, autoencoder_steps=80, spectral_after=100, corpus_clips=128),
-        clap=ClapRecipe(steps=150, train_clips=512, warmup_steps=20, codec_clips=96),
-        teacher=TeacherRecipe(clips=768, steps=250, warmup_steps=30),
+        clap=ClapRecipe(steps=300, train_clips=512, warmup_steps=30, codec_clips=96),
+        teacher=TeacherRecipe(clips=1024, steps=500, warmup_steps=30),
         eval_clips=24,
     ),
 }
