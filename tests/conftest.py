@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 from transformers import MusicgenForConditionalGeneration  # noqa: E402
 
-from tinymusician.data.synthetic import caption_words, synthesize_corpus  # noqa: E402
+from tinymusician.data.synthetic import synthesize_corpus  # noqa: E402
 from tinymusician.zoo.tiny import (  # noqa: E402
     DecoderSize,
     TinySpec,
@@ -101,18 +101,12 @@ def compose_train_cfg(overrides: list[str], output_dir: Path, fast: bool = True)
 @pytest.fixture(scope="session")
 def tiny_clap_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny LAION-style CLAP (HTSAT + RoBERTa) with a byte-level BPE tokenizer trained here."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
+
+    from tinymusician.world.clap import build_tokenizer
 
     root = tmp_path_factory.mktemp("tiny-clap")
-    bpe = ByteLevelBPETokenizer()
-    corpus = [" ".join(caption_words())] + [clip.caption for clip in synthesize_corpus(64, seconds=0.1)]
-    bpe.train_from_iterator(
-        corpus, vocab_size=400, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    )
-    bpe.save_model(str(root))
-    merges = [tuple(line.split()) for line in (root / "merges.txt").read_text().splitlines()[1:] if line]
-    tokenizer = RobertaTokenizer(vocab=json.loads((root / "vocab.json").read_text()), merges=merges)
+    tokenizer = build_tokenizer(vocab_size=400)  # byte-level BPE over the caption grammar, as the world's
     # Non-fusion CLAP: 64 mel bins, spec_size 256, "rand_trunc" (REFERENCES.md); a 2 s window keeps it fast.
     extractor = ClapFeatureExtractor(truncation="rand_trunc", padding="repeatpad", max_length_s=2)
     config = ClapConfig(

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_prepare(*argv: str) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it; the tiny pair comes from the session's TINYMUSICIAN_CACHE."""
+    """The CLI as a user runs it (the shipped tiny pair; token caches in the session's TINYMUSICIAN_CACHE)."""
     return subprocess.run(
         [sys.executable, "-m", "tinymusician.prepare", *argv],
         capture_output=True,

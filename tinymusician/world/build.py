@@ -50,10 +50,25 @@ BUDGETS = {
 }
 
 
-def progress_bar(total: int, desc: str, position: int, enabled: bool):
-    from tqdm.auto import tqdm
+class Stage:
+    """One stage's progress bar and training curve: ``on_step(step, row)`` advances one and samples the other."""
 
-    return tqdm(total=total, desc=desc, position=position, disable=not enabled, leave=True, mininterval=2.0)
+    def __init__(self, total: int, desc: str, position: int, enabled: bool, every: int | None = 10) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, position=position, disable=not enabled, mininterval=2.0)
+        self.every, self.curve = every, []
+
+    def on_step(self, step: int, row: dict) -> None:
+        self.bar.update(1)
+        if self.every and step % self.every == 0:
+            self.curve.append({"step": step, **row})
+
+    def __enter__(self) -> Stage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
 
 
 def codec_and_teacher(budget: Budget, out: Path, progress: bool) -> dict:
@@ -65,15 +80,8 @@ def codec_and_teacher(budget: Budget, out: Path, progress: bool) -> dict:
     torch.set_num_threads(1)
     report: dict = {}
     start = time.perf_counter()
-    codec_curve: list[dict] = []
-    with progress_bar(budget.codec.steps, "codec", 0, progress) as bar:
-
-        def on_codec_step(step: int, losses: dict) -> None:
-            bar.update(1)
-            if step % 20 == 0:
-                codec_curve.append({"step": step, **losses})
-
-        codec = train_codec(budget.codec, on_codec_step)
+    with Stage(budget.codec.steps, "codec", 0, progress, every=20) as codec_stage:
+        codec = train_codec(budget.codec, codec_stage.on_step)
     report["codec_train_seconds"] = round(time.perf_counter() - start, 1)
     heldout = torch.from_numpy(
         np.stack([c.audio for c in heldout_clips(CODEC_HELDOUT_CLIPS, sample_rate=SAMPLE_RATE)])
@@ -82,18 +90,18 @@ def codec_and_teacher(budget: Budget, out: Path, progress: bool) -> dict:
         "recipe": asdict(budget.codec),
         "trained": evaluate_codec(codec, heldout),
         "untrained": evaluate_codec(untrained_codec(budget.codec), heldout),
-        "curve": codec_curve,
+        "curve": codec_stage.curve,
     }
     codec.save_pretrained(out / CODEC_HANDOFF)  # the CLAP chain trains on its reconstructions
     (out / CODEC_HANDOFF / "DONE").touch()
     teacher, student, tokenizer = build_pair(codec)
     save_musicgen(student, tokenizer, out / "student")
     start = time.perf_counter()
-    with progress_bar(budget.teacher.steps, "teacher", 0, progress) as bar:
+    with Stage(
+        budget.teacher.steps, "teacher", 0, progress, every=None
+    ) as stage:  # train_teacher keeps the curve
         with tempfile.TemporaryDirectory(prefix="world-codes-") as cache:
-            result = train_teacher(
-                teacher, tokenizer, budget.teacher, Path(cache), lambda s, r: bar.update(1)
-            )
+            result = train_teacher(teacher, tokenizer, budget.teacher, Path(cache), stage.on_step)
     save_musicgen(teacher, tokenizer, out / "teacher")
     report["teacher"] = {"recipe": asdict(budget.teacher), **result}
     report["teacher_train_seconds"] = round(time.perf_counter() - start, 1)
@@ -114,19 +122,12 @@ def clap_chain(budget: Budget, out: Path, progress: bool) -> dict:
         time.sleep(2)
     codec = EncodecModel.from_pretrained(out / CODEC_HANDOFF).eval()
     start = time.perf_counter()
-    curve: list[dict] = []
-    with progress_bar(budget.clap.steps, "clap", 1, progress) as bar:
-
-        def on_step(step: int, row: dict) -> None:
-            bar.update(1)
-            if step % 10 == 0:
-                curve.append({"step": step, **row})
-
-        model, processor = train_clap(budget.clap, on_step, pool=pool, codec=codec)
+    with Stage(budget.clap.steps, "clap", 1, progress) as stage:
+        model, processor = train_clap(budget.clap, stage.on_step, pool=pool, codec=codec)
     model.save_pretrained(out / "clap")
     processor.save_pretrained(out / "clap")
     return {
-        "clap": {"recipe": asdict(budget.clap), "curve": curve},
+        "clap": {"recipe": asdict(budget.clap), "curve": stage.curve},
         "clap_train_seconds": round(time.perf_counter() - start, 1),
     }
 
