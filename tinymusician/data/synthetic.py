@@ -1,8 +1,8 @@
 """Seeded synthetic music clips whose captions describe them: the offline corpus and its datamodule.
 
-Each clip is a short monophonic melody (opening on the tonic triad) whose instrument, tempo, register, loudness and mode are drawn at
-random and all named in its caption, so a tiny text-conditioned model has real caption -> audio structure
-to learn without downloading anything. :class:`SyntheticDataModule` (``data=synthetic``, the default)
+Each clip is a short monophonic melody (opening on the tonic triad) whose instrument, tempo, register,
+loudness and mode are drawn at random and all named in its caption, so a tiny text-conditioned model has real
+caption -> audio structure to learn without downloading anything. ``heldout_clips`` is the evaluation set. :class:`SyntheticDataModule` (``data=synthetic``, the default)
 serves the corpus through the token cache like any other dataset.
 """
 
