@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from tinymusician.data import synthetic
 from tinymusician.data.synthetic import ATTRIBUTES, SyntheticClip, caption_words, synthesize_clip
+from tinymusician.world.codec import reconstruct
 
 SAMPLE_RATE = 16000
 
@@ -204,11 +205,7 @@ def clap_pool(recipe: ClapRecipe) -> tuple[torch.Tensor, list[dict[str, str]]]:
 @torch.inference_mode()
 def codec_reconstructions(codec, audio: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """``audio [N, samples]`` encoded and decoded by ``codec`` (an ``EncodecModel``), trimmed to length."""
-    out = []
-    for chunk in audio.split(batch_size):
-        encoded = codec.encode(chunk[:, None, :])
-        out.append(codec.decode(encoded.audio_codes, encoded.audio_scales)[0][:, 0, : chunk.shape[-1]])
-    return torch.cat(out).clamp(-1, 1)
+    return torch.cat([reconstruct(codec, chunk)[1] for chunk in audio.split(batch_size)]).clamp(-1, 1)
 
 
 def train_clap(

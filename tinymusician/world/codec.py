@@ -389,9 +389,9 @@ def untrained_codec(recipe: CodecRecipe) -> EncodecModel:
     """What the world replaces: transformers' init, codebooks k-means-fitted to its random encoder's latents."""
     torch.manual_seed(recipe.seed)
     codec = EncodecModel(recipe.config()).eval()
-    audio = Batches(recipe)()
+    audio = Batches(recipe)()  # a second Batches(recipe) would render the same corpus and draw the same batch
     with torch.no_grad():
-        z = codec.encoder(torch.cat([audio, Batches(recipe)()])[:, None])
+        z = codec.encoder(torch.cat([audio, audio])[:, None])
     ResidualVQ(codec, recipe.ema_decay, 0.0, torch.Generator().manual_seed(recipe.seed)).kmeans_init(
         z.permute(0, 2, 1).reshape(-1, z.shape[1]), 1
     )

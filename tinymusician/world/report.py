@@ -46,13 +46,13 @@ def noise_clips(n: int, samples: int, seed: int = 0) -> list[torch.Tensor]:
 
 
 def score_sets(
-    world: Path, sets: dict[str, GeneratedSet], reference: list[torch.Tensor], sample_rate: int
+    clap: ClapEmbedder,
+    codec: EncodecEmbedder,
+    sets: dict[str, GeneratedSet],
+    reference: list[torch.Tensor],
+    sample_rate: int,
 ) -> dict[str, dict]:
     """FAD (tiny CLAP, world codec) and CLAP score of each set against the held-out reference."""
-    clap = ClapEmbedder(str(world / "clap"))
-    codec = EncodecEmbedder(
-        f"tiny world codec ({world / 'student'})", codec=load_musicgen(str(world / "student")).audio_encoder
-    )
     evaluation = Evaluation([clap, codec], clap=clap)
     evaluation.add_reference(reference, sample_rate)
     evaluation.set_reference({"kind": "heldout", "n_clips": len(reference), "clip_seconds": SECONDS})
@@ -105,22 +105,23 @@ def measure_world(
     teacher_set = generate_audio(teacher, tokenizer, prompts, desc="teacher", **generate)
     student_set = generate_audio(student, tokenizer, prompts, desc="untrained student", **generate)
     shuffled = [prompts[j] for j in derangement(n)]
+    reconstructions = list(reconstruct(teacher.audio_encoder, torch.stack(reference))[1])
     sets = {
         "teacher": teacher_set,
         "teacher_shuffled_prompts": GeneratedSet(teacher_set.audio, sample_rate, shuffled),
         "untrained_student": student_set,
         "noise": GeneratedSet(noise_clips(n, reference[0].shape[-1]), sample_rate, prompts),
         # the best any generator can reach through this codec: the held-out clips' own codes, decoded
-        "codec_reconstructions": GeneratedSet(
-            list(reconstruct(teacher.audio_encoder, torch.stack(reference))[1]), sample_rate, prompts
-        ),
+        "codec_reconstructions": GeneratedSet(reconstructions, sample_rate, prompts),
         "heldout_clips": GeneratedSet(reference, sample_rate, prompts),
         "heldout_shuffled_prompts": GeneratedSet(reference, sample_rate, shuffled),
     }
-    scores = score_sets(world, sets, reference, sample_rate)
+    clap_embedder = ClapEmbedder(str(world / "clap"))  # loaded once: FAD, CLAP score and retrieval
+    # teacher and student share one codec (tests/world check it), so the teacher's embeds for both
+    codec_embedder = EncodecEmbedder(f"tiny world codec ({world})", codec=teacher.audio_encoder)
+    scores = score_sets(clap_embedder, codec_embedder, sets, reference, sample_rate)
     clap = retrieval_and_attributes(
-        ClapEmbedder(str(world / "clap")),
-        heldout_clips(clap_clips, seconds=SECONDS, sample_rate=sample_rate, seed=1),
+        clap_embedder, heldout_clips(clap_clips, seconds=SECONDS, sample_rate=sample_rate, seed=1)
     )
 
     orderings = {
@@ -167,6 +168,7 @@ def measure_world(
         "sets": {
             "teacher": teacher_set,
             "reference": reference,
+            "reconstructions": reconstructions,
             "prompts": prompts,
             "codec": teacher.audio_encoder,
         },
@@ -199,8 +201,7 @@ def figures(measured: dict, out: Path) -> list[str]:
 
     names = []
     sets = measured["sets"]
-    reference, codec = sets["reference"][:3], sets["codec"]
-    decoded = reconstruct(codec, torch.stack(reference))[1]
+    reference, decoded = sets["reference"][:3], sets["reconstructions"][:3]
     fig, axes = plt.subplots(2, 3, figsize=(12, 5), sharex=True, sharey=True)
     for column, (ref, rec) in enumerate(zip(reference, decoded, strict=True)):
         spectra = [log_mel(audio[None], 1024, 64)[0].numpy() for audio in (ref, rec)]
@@ -261,7 +262,7 @@ def write_report(world: str | Path, measured: dict, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     sets = measured["sets"]
     sample_rate = int(sets["codec"].config.sampling_rate)
-    decoded = reconstruct(sets["codec"], torch.stack(sets["reference"][:3]))[1]
+    decoded = sets["reconstructions"]
     wavs = []
     for i in range(3):
         for kind, audio in (
