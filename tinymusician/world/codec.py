@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers import EncodecConfig, EncodecModel
 
 from tinymusician.data import synthetic
+from tinymusician.zoo.tiny import codec_config
 
 SAMPLE_RATE = 16000
 TONE_INSTRUMENTS = ("sine", "flute", "organ", "guitar", "synth", "bell")
@@ -63,19 +64,14 @@ class CodecRecipe:
     seed: int = 0
 
     def config(self) -> EncodecConfig:
-        hop = math.prod(self.ratios)
-        bits = self.codebook_size.bit_length() - 1
-        return EncodecConfig(
-            sampling_rate=SAMPLE_RATE,
-            upsampling_ratios=list(self.ratios),
+        return codec_config(
+            SAMPLE_RATE,
+            self.codebook_size,
+            self.num_codebooks,
+            ratios=self.ratios,
             num_filters=self.num_filters,
             hidden_size=self.hidden_size,
-            num_lstm_layers=1,
-            num_residual_layers=1,
-            codebook_size=self.codebook_size,
-            target_bandwidths=[self.num_codebooks * bits * SAMPLE_RATE / hop / 1000],
-            normalize=False,
-            use_causal_conv=False,
+            causal=False,
         )
 
 

@@ -8,6 +8,7 @@ synthetic corpus's caption words, and MusicGen configs of the two decoder sizes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,32 @@ def build_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
+def codec_config(
+    sample_rate: int,
+    codebook_size: int,
+    num_codebooks: int,
+    *,
+    ratios: tuple[int, ...] = (8, 5, 4, 2),  # hop 320: 50 frames/s at 16 kHz, as MusicGen's 50 Hz codes
+    num_filters: int = 8,
+    hidden_size: int = 32,
+    causal: bool = True,
+) -> EncodecConfig:
+    """A small EnCodec config whose one bandwidth gives exactly ``num_codebooks`` codebooks."""
+    bits = codebook_size.bit_length() - 1
+    return EncodecConfig(
+        sampling_rate=sample_rate,
+        upsampling_ratios=list(ratios),
+        num_filters=num_filters,
+        hidden_size=hidden_size,
+        num_lstm_layers=1,
+        num_residual_layers=1,
+        codebook_size=codebook_size,
+        target_bandwidths=[num_codebooks * bits * sample_rate / math.prod(ratios) / 1000],
+        normalize=False,
+        use_causal_conv=causal,
+    )
+
+
 def musicgen_config(
     spec: TinySpec, size: DecoderSize, vocab_size: int, codec: EncodecConfig | None = None
 ) -> MusicgenConfig:
@@ -87,18 +114,7 @@ def musicgen_config(
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    hop = 320  # 8*5*4*2 -> 50 frames/s at 16 kHz, as MusicGen's 50 Hz codes
-    bits = spec.codebook_size.bit_length() - 1
-    codec = codec or EncodecConfig(
-        sampling_rate=spec.sample_rate,
-        upsampling_ratios=[8, 5, 4, 2],
-        num_filters=8,
-        hidden_size=32,
-        num_lstm_layers=1,
-        codebook_size=spec.codebook_size,
-        target_bandwidths=[spec.num_codebooks * bits * spec.sample_rate / hop / 1000],
-        normalize=False,
-    )
+    codec = codec or codec_config(spec.sample_rate, spec.codebook_size, spec.num_codebooks, hidden_size=32)
     codebook_size = codec.codebook_size
     decoder = MusicgenDecoderConfig(
         vocab_size=codebook_size,
