@@ -25,5 +25,5 @@ for seed in ${SEEDS:-1 2 3}; do
   done
 done
 wait
-python experiments/report.py "$OUT/runs" --out "$OUT" --title "baseline vs kd_only on the tiny world" \
-  --script experiments/world_kd.sh
+python -m tinymusician.report "$OUT/runs" --out "$OUT" --title "baseline vs kd_only on the tiny world" \
+  --command "bash experiments/world_kd.sh" --copy-data "$OUT/data"

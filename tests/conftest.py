@@ -39,6 +39,7 @@ FAST_OVERRIDES = [
     "trainer.log_every_n_steps=1",
     "callbacks.progress_bar=null",
     "+trainer.enable_model_summary=false",
+    "eval=none",  # every arm evaluates by default (64 clips); a test that scores asks for it: eval=default
 ]
 
 

@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tinymusician"
 # Bottom -> top (../shared/STYLE.md): a module imports from its own layer's package or a lower one.
 LAYERS = (
     "config",
+    "machine",
     "shipped",
     "models",
     "data",
@@ -22,8 +23,9 @@ LAYERS = (
     "world",
     "callbacks",
     "training",
+    "results",
 )
-CLIS = ("train", "evaluate", "generate", "quantize", "export", "prepare")  # top-level entry points
+CLIS = ("train", "evaluate", "generate", "quantize", "export", "prepare", "report")  # top-level entry points
 # An old command name kept working; it may import its CLI, only under `if __name__ == "__main__":`.
 SHIMS = {"tinymusician.data.prepare": "tinymusician.prepare"}
 

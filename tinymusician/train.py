@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,11 +31,12 @@ from tinymusician.callbacks.save_student import SaveStudent
 from tinymusician.config import to_plain
 from tinymusician.data.audio import BadSampleError
 from tinymusician.data.datamodule import EmptySplitError
-from tinymusician.distill.module import (
-    DistillationModule,
-)
+from tinymusician.distill.module import DistillationModule
+from tinymusician.machine import machine
 from tinymusician.models.musicgen import ModelSourceError
+from tinymusician.quant.size import component_sizes
 from tinymusician.training.checks import ConfigError, check_config
+from tinymusician.training.loggers import finish_loggers, log_run_end
 from tinymusician.training.summary import count_parameters, print_summary, scalar_metrics
 from tinymusician.zoo.pair import load_teacher_student
 
@@ -93,6 +96,39 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         *post_training,
     ]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    try:
+        metrics, objects = fit_and_report(
+            cfg,
+            models=models,
+            module=module,
+            datamodule=datamodule,
+            callbacks=callbacks,
+            post_training=post_training,
+            loggers=loggers,
+            save_student=save_student,
+            on_interrupt=on_interrupt,
+        )
+    except BaseException:
+        finish_loggers(loggers, failed=True)  # one finished wandb run per job, also after a crash or SIGTERM
+        raise
+    finish_loggers(loggers)
+    return metrics, objects
+
+
+def fit_and_report(
+    cfg: DictConfig,
+    *,
+    models: Any,
+    module: DistillationModule,
+    datamodule: Any,
+    callbacks: list[L.Callback],
+    post_training: list[L.Callback],
+    loggers: list[Any],
+    save_student: SaveStudent,
+    on_interrupt: CheckpointOnInterrupt,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Validate, fit (post-training callbacks run at fit end), validate again; write, print and log the summary."""
+    output_dir = Path(cfg.paths.output_dir)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(to_plain(cfg))
@@ -113,12 +149,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     student_dir = save_student.saved_dir
     checkpoint = next((c for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint)), None)
     summary = {
-        "task": cfg.task_name,
-        "loss": cfg.loss.get("name"),
+        **run_identity(cfg, output_dir, status="finished"),
         "student": models.student_source,
         "teacher": models.teacher_source,
         "student_trainable_params": count_parameters(models.student, trainable=True),
         "teacher_params": count_parameters(models.teacher),
+        "student_size_mb": component_sizes(models.student)[
+            "total"
+        ],  # fp32 as trained, before any quantization
         "steps": int(trainer.global_step),
         "train_seconds": round(seconds, 1),
         "before": before,
@@ -126,8 +164,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "student_dir": str(student_dir),
         "best_checkpoint": checkpoint.best_model_path if checkpoint else None,
         "last_checkpoint": checkpoint.last_model_path if checkpoint else None,
-        "log_dir": str(output_dir),
-        "status": "finished",
+        "machine": machine(),
     }
     post_metrics: dict[str, float] = {}
     for callback in post_training:  # quant/* and eval/* results, so sweeps can optimise them too
@@ -135,12 +172,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         report = getattr(callback, "report", None)
         if isinstance(report, dict) and report.get("status") != "ok":  # a failed on_error: warn quantization
             summary["quant_error"] = report.get("error")
+        if getattr(callback, "report_path", None) is not None:
+            summary["quant_report"] = str(callback.report_path)
         if getattr(callback, "last_report_path", None) is not None:
             summary["eval_report"] = str(callback.last_report_path)
             summary["eval_setup"] = callback.describe()
     summary["post_training"] = post_metrics
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_summary(output_dir, summary)
     print_summary(summary)
+    log_run_end(loggers, summary, output_dir, scheduler=getattr(module.loss_fn, "scheduler", None))
     metrics = {
         **{f"before/{k}": v for k, v in before.items()},
         **module.last_train_logs,
@@ -157,14 +197,34 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     }
 
 
+def run_identity(cfg: DictConfig, output_dir: Path, status: str) -> dict[str, Any]:
+    """What run this is (task, loss, seed, the command line's overrides, directory) and how it ended."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+    return {
+        "task": cfg.get("task_name"),
+        "loss": (cfg.get("loss") or {}).get("name"),
+        "seed": cfg.get("seed"),
+        "overrides": overrides,
+        "log_dir": str(output_dir),
+        "status": status,
+    }
+
+
+def write_summary(output_dir: Path, summary: dict[str, Any]) -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2))
+    return path
+
+
 def interrupted(
     cfg: DictConfig, output_dir: Path, trainer: L.Trainer, checkpoint: Path | None
 ) -> TrainingInterrupted:
     """Write an ``interrupted`` summary.json and say how to resume (or that nothing was trained yet)."""
     steps = int(trainer.global_step)
-    summary = {"task": cfg.task_name, "status": "interrupted", "steps": steps, "log_dir": str(output_dir)}
+    summary = {**run_identity(cfg, output_dir, status="interrupted"), "steps": steps}
     summary["interrupted_checkpoint"] = str(checkpoint) if checkpoint else None
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_summary(output_dir, summary)
     if checkpoint is None:
         return TrainingInterrupted(
             f"training interrupted by SIGTERM at step {steps}, before any step to save"
@@ -182,23 +242,53 @@ def leave_no_empty_run_dir(output_dir: Path, job_name: str) -> None:
         shutil.rmtree(output_dir, ignore_errors=True)
 
 
+def failed(cfg: DictConfig, err: BaseException, expected: bool = False) -> None:
+    """A multirun job that raised: its error (and traceback) into summary.json and the log, None to the sweeper.
+
+    The other jobs go on; the sweep's summary (:class:`tinymusician.results.multirun.MultirunSummary`) lists
+    the failure and the sweep exits non-zero. The Optuna sweeper marks a trial that returned None failed and
+    carries on (a NaN would end its study: optuna 2.10 with hydra-optuna-sweeper 1.3).
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    summary = {
+        **run_identity(cfg, output_dir, status="failed"),
+        "error": f"{type(err).__name__}: {err}",
+        "traceback": traceback.format_exc(),
+    }
+    write_summary(output_dir, summary)
+    # a config/data error is the user's and needs no traceback in the log; anything else does
+    log.error("Job failed (the sweep goes on): %s", summary["error"], exc_info=None if expected else err)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """One clear ``error: ...`` line for config/data errors (exit 2) and SIGTERM (exit 143), no traceback."""
+    """One clear ``error: ...`` line for config/data errors (exit 2) and SIGTERM (exit 143), no traceback.
+
+    In a multirun every failure stays inside its job (:func:`failed`), so one bad arm never stops a sweep.
+    """
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         metrics, _ = train(cfg)
     except START_UP_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
+        if multirun:
+            failed(cfg, err, expected=True)
+            return None
         hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # the sweep stops and Hydra reports the failed job, as sweepers expect
         leave_no_empty_run_dir(Path(hydra_cfg.runtime.output_dir), hydra_cfg.job.name)
         raise SystemExit(CONFIG_EXIT_CODE) from None
     except TrainingInterrupted as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(SIGTERM_EXIT_CODE) from None
+    except Exception as err:
+        if multirun:
+            print(f"error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            failed(cfg, err)
+            return None
+        raise
     value = metrics.get(cfg.get("optimized_metric"))
-    return None if value is None else float(value)
+    # a diverged run's NaN would end an Optuna study; None marks just this trial failed
+    return None if value is None or not math.isfinite(float(value)) else float(value)
 
 
 if __name__ == "__main__":

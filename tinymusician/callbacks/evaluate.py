@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from tinymusician.config import to_plain
 from tinymusician.data.synthetic import heldout_clips
@@ -66,7 +67,8 @@ class EvaluateCallback(L.Callback):
         clap_model: hub id / directory of a CLAP model for the CLAP score (``tiny``: the tiny world's); None
             skips it.
         fad_inf: also report FAD-infinity. every_n_epochs: evaluate during training too.
-        log_audio: how many clips to log to loggers that take audio (wandb, TensorBoard).
+        log_audio: how many clips per model (and of a heldout/val reference, once) to log to loggers that take
+            audio: wandb (``eval/samples``: a prompt, audio, model table) and TensorBoard.
         output_dir: WAVs and ``report.json`` go to ``output_dir/<final|epochNNN>/``.
     """
 
@@ -137,6 +139,8 @@ class EvaluateCallback(L.Callback):
         self.reports: list[dict[str, Any]] = []
         self.last_metrics: dict[str, float] = {}
         self.last_report_path: Path | None = None
+        self._samples: dict[str, GeneratedSet] = {}  # this evaluation's logged clips, per metric prefix
+        self._reference_samples: GeneratedSet | None = None  # the first reference clips, logged once
 
     def metric_keys(self) -> list[str]:
         """The ``eval/*`` (and ``eval_quant/*``, when a quantized student exists) keys a run can report."""
@@ -144,6 +148,7 @@ class EvaluateCallback(L.Callback):
         keys = [f"fad_{name}" for name in names]
         keys += [f"fad_inf_{name}" for name in names] if self.fad_inf else []
         keys += ["clap"] if self.clap_model else []
+        keys += ["rtf"]
         return [f"{prefix}/{key}" for prefix in ("eval", "eval_quant") for key in keys]
 
     def describe(self) -> str:
@@ -209,12 +214,22 @@ class EvaluateCallback(L.Callback):
                 rows = self._write(output / name, generated, rank, world)
                 result = evaluation.score(generated, batch_size=self.batch_size)
                 result["wavs"] = [str(Path(name) / row["file_name"]) for row in rows]
+                result["generation"] = {
+                    "wall_seconds": round(generated.wall_seconds, 3),
+                    "rtf": generated.rtf,
+                    "definition": "wall seconds of generation per second of audio (batch_size clips at once)",
+                    "batch_size": self.batch_size,
+                    "threads": torch.get_num_threads(),
+                    "device": str(next(model.parameters()).device),
+                }
                 report[name] = result
                 prefix = "eval" if name == "student" else "eval_quant"
                 metrics.update(result_metrics(result, prefix))
+                metrics[f"{prefix}/rtf"] = generated.rtf
                 self._log_audio(trainer, generated, prefix)
         finally:
             evaluation.close()  # free the embedding models; the reference statistics stay
+        self._log_samples(trainer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
@@ -297,6 +312,9 @@ class EvaluateCallback(L.Callback):
             audio = codec_decode(student, codes).float().cpu()
             clips = [clip[: int(split.lengths[i]) * hop] for clip, i in zip(audio, ids, strict=True)]
             evaluation.add_reference(clips, int(codec.config.sampling_rate))
+            if start == 0:  # to listen to next to the generated clips
+                captions = [split.captions[i] for i in ids]
+                self._keep_reference(clips, int(codec.config.sampling_rate), captions)
             seconds += sum(c.shape[-1] for c in clips) / codec.config.sampling_rate
         evaluation.set_reference(
             {
@@ -315,6 +333,9 @@ class EvaluateCallback(L.Callback):
         count = self.reference_max_clips or self.heldout_clips
         clips = heldout_clips(count, seconds=self.seconds, sample_rate=rate)
         mine = [torch.from_numpy(c.audio) for c in clips[trainer.global_rank :: trainer.world_size]]
+        self._keep_reference(
+            mine, rate, [c.caption for c in clips[trainer.global_rank :: trainer.world_size]]
+        )
         for start in range(0, len(mine), self.batch_size):
             evaluation.add_reference(mine[start : start + self.batch_size], rate)
         evaluation.set_reference(
@@ -344,29 +365,77 @@ class EvaluateCallback(L.Callback):
         return [{**row, "file_name": f"rank{rank}/{row['file_name']}"} for row in rows]
 
     def _log_audio(self, trainer: L.Trainer, generated: GeneratedSet, prefix: str) -> None:
-        """Audio samples to loggers that take audio (wandb, TensorBoard); others are skipped silently."""
+        """The first ``log_audio`` clips to loggers that take audio (wandb: ``{prefix}/audio``; TensorBoard:
+        ``{prefix}/audio_{i}`` and ``{prefix}/prompts``), kept for :meth:`_log_samples`' table."""
         count = min(self.log_audio, len(generated.audio))
         if count <= 0:
             return
-        for logger in trainer.loggers:
-            experiment_type = type(logger).__name__
-            try:
-                if experiment_type == "WandbLogger":
-                    import wandb
+        clips = GeneratedSet(generated.audio[:count], generated.sample_rate, generated.prompts[:count])
+        self._samples[prefix] = clips
+        log_clips(trainer.loggers, prefix, clips, trainer.global_step)
 
-                    samples = [
-                        wandb.Audio(clip.numpy(), sample_rate=generated.sample_rate, caption=prompt)
-                        for clip, prompt in zip(
-                            generated.audio[:count], generated.prompts[:count], strict=True
-                        )
-                    ]
-                    logger.experiment.log(
-                        {f"{prefix}/audio": samples, "trainer/global_step": trainer.global_step}
-                    )
-                elif experiment_type == "TensorBoardLogger":
-                    for index, clip in enumerate(generated.audio[:count]):
-                        logger.experiment.add_audio(
-                            f"{prefix}/audio_{index}", clip[None], trainer.global_step, generated.sample_rate
-                        )
-            except ImportError:
-                continue
+    def _keep_reference(
+        self, clips: Sequence[torch.Tensor], sample_rate: int, captions: Sequence[str]
+    ) -> None:
+        if self.log_audio > 0 and self._reference_samples is None:
+            count = min(self.log_audio, len(clips))
+            self._reference_samples = GeneratedSet(list(clips[:count]), sample_rate, list(captions[:count]))
+
+    def _log_samples(self, trainer: L.Trainer) -> None:
+        """After an evaluation: wandb's ``eval/samples`` table (prompt, audio, model: student | quantized), and
+        once per run the reference clips (``reference/*``; heldout and val references, which are audio)."""
+        step = trainer.global_step
+        if self._reference_samples is not None:
+            log_clips(trainer.loggers, REFERENCE_KEY, self._reference_samples, step)
+            log_sample_table(
+                trainer.loggers, f"{REFERENCE_KEY}/samples", {"reference": self._reference_samples}, step
+            )
+            self._reference_samples = None  # the reference is built once per run: never kept again
+        if self._samples:
+            models = {SAMPLE_MODELS.get(prefix, prefix): clips for prefix, clips in self._samples.items()}
+            log_sample_table(trainer.loggers, "eval/samples", models, step)
+        self._samples = {}
+
+
+REFERENCE_KEY = "reference"
+SAMPLE_MODELS = {"eval": "student", "eval_quant": "quantized"}  # metric prefix -> the model column
+
+
+def _numpy(clip: Any) -> Any:
+    return torch.as_tensor(clip).detach().float().cpu().numpy()
+
+
+def log_clips(loggers: Sequence[Any], key: str, clips: GeneratedSet, step: int) -> None:
+    """Clips with their prompts: a wandb media panel (``key/audio``, prompts as captions); TensorBoard
+    ``key/audio_{i}`` and the prompts as text (``key/prompts``). Loggers that take no audio are skipped."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            samples = [
+                wandb.Audio(_numpy(clip), sample_rate=clips.sample_rate, caption=prompt)
+                for clip, prompt in zip(clips.audio, clips.prompts, strict=True)
+            ]
+            logger.experiment.log({f"{key}/audio": samples, "trainer/global_step": step})
+        elif isinstance(logger, TensorBoardLogger):
+            writer = logger.experiment
+            for index, clip in enumerate(clips.audio):
+                writer.add_audio(f"{key}/audio_{index}", torch.as_tensor(clip)[None], step, clips.sample_rate)
+            prompts = "\n".join(f"{index}. {prompt}" for index, prompt in enumerate(clips.prompts))
+            writer.add_text(f"{key}/prompts", prompts, step)
+
+
+def log_sample_table(loggers: Sequence[Any], key: str, models: Mapping[str, GeneratedSet], step: int) -> None:
+    """A wandb.Table ``key`` with columns prompt, audio, model: every model's clips side by side."""
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        import wandb
+
+        rows = [
+            [prompt, wandb.Audio(_numpy(clip), sample_rate=clips.sample_rate, caption=prompt), model]
+            for model, clips in models.items()
+            for clip, prompt in zip(clips.audio, clips.prompts, strict=True)
+        ]
+        table = wandb.Table(columns=["prompt", "audio", "model"], data=rows)
+        logger.experiment.log({key: table, "trainer/global_step": step})

@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,15 +85,22 @@ def read_prompts(
 # --- generation -------------------------------------------------------------------------------------------
 @dataclass
 class GeneratedSet:
-    """Generated clips (mono float32 ``[samples]``) with the prompts they came from."""
+    """Generated clips (mono float32 ``[samples]``) with the prompts they came from, and the wall time it took."""
 
     audio: list[torch.Tensor]
     sample_rate: int
     prompts: list[str]
+    wall_seconds: float = math.nan
 
     @property
     def clip_seconds(self) -> float:
         return sum(a.shape[-1] for a in self.audio) / max(len(self.audio), 1) / self.sample_rate
+
+    @property
+    def rtf(self) -> float:
+        """Real-time factor: wall seconds of generation per second of audio (below 1: faster than real time)."""
+        audio_seconds = sum(a.shape[-1] for a in self.audio) / self.sample_rate
+        return self.wall_seconds / audio_seconds if audio_seconds else math.nan
 
 
 def generate_audio(
@@ -126,6 +134,7 @@ def generate_audio(
     was_training = model.training
     model.eval()
     clips: list[torch.Tensor] = []
+    start_time = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
@@ -142,7 +151,7 @@ def generate_audio(
                 clips.extend(torch.from_numpy(clip) for clip in audio)
     finally:
         model.train(was_training)
-    return GeneratedSet(clips, sample_rate, list(prompts))
+    return GeneratedSet(clips, sample_rate, list(prompts), wall_seconds=time.perf_counter() - start_time)
 
 
 def write_clips(directory: Path, generated: GeneratedSet, first_index: int = 0) -> list[dict[str, str]]:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tinymusician.data.synthetic import heldout_clips
+from tinymusician.machine import machine
 from tinymusician.world.clap import ClapRecipe
 from tinymusician.world.codec import SAMPLE_RATE, CodecRecipe
 from tinymusician.world.lm import TeacherRecipe
@@ -159,32 +160,9 @@ def build_world(out: Path, budget_name: str = "full", *, progress: bool = True, 
     report["budget"] = budget_name
     report["eval_clips"] = budget.eval_clips
     report["build_seconds"] = round(time.perf_counter() - start, 1)
-    report["machine"] = machine()
+    report["machine"] = machine(threads_per_stage=1)
     (staging / "build.json").write_text(json.dumps(report, indent=1))
     if out.exists():
         shutil.rmtree(out)
     staging.replace(out)
     return report
-
-
-def machine() -> dict:
-    import os
-    import platform
-
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads_per_stage": 1,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
