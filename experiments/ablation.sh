@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 OUT=experiments/results/ablation
 rm -rf "$OUT/runs" "$OUT/data"
 status=0
-OMP_NUM_THREADS=1 python -m tinymusician.train -m +experiment=baseline,kd_only,quant_only,kd_quant \
+# +sweep=ablation (conf/sweep/ablation.yaml) = -m +experiment=baseline,kd_only,quant_only,kd_quant seed=0,1,2
+OMP_NUM_THREADS=1 python -m tinymusician.train +sweep=ablation \
   "seed=${SEEDS:-0,1,2}" hydra/launcher=joblib "hydra.launcher.n_jobs=${JOBS:-2}" \
   "hydra.sweep.dir=$OUT/runs" "paths.log_dir=$OUT/runs" logger=csv callbacks.progress_bar=null "$@" || status=$?
 # the report also lists the jobs that failed (the sweep exits 1 then, after every other job ran)

@@ -229,10 +229,16 @@ def test_config_error_keeps_a_run_dir_that_holds_other_files(tmp_path, cache_dir
     assert (run_dir / "notes.txt").read_text() == "mine"
 
 
-def test_multirun_config_error_still_fails_the_sweep(tmp_path, cache_dir):
-    result = run_cli(["-m", *CLI_OVERRIDES, "cond_dropout=2"], tmp_path, cache_dir)
-    assert result.returncode != 0
-    assert "error: cond_dropout=2" in result.stderr
+def test_multirun_config_error_is_reported_and_the_sweep_exits_nonzero(tmp_path, cache_dir):
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(
+        ["-m", *CLI_OVERRIDES, "cond_dropout=2", f"hydra.sweep.dir={sweep_dir}"], tmp_path, cache_dir
+    )
+    assert result.returncode == 1
+    assert "error: cond_dropout=2" in result.stderr and "Traceback" not in result.stderr
+    summary = json.loads((sweep_dir / "0" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("ConfigError: cond_dropout=2")
+    assert json.loads((sweep_dir / "multirun_summary.json").read_text())["status"] == {"failed": 1}
 
 
 # --- D2: quantization output path is a file -------------------------------------------------------------------

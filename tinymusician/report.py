@@ -27,14 +27,17 @@ def main(argv: list[str] | None = None) -> int:
         "--copy-data",
         type=Path,
         metavar="DIR",
-        help="also copy each run's report files (summary, reports, metrics CSV; no weights or audio) to DIR",
+        help="copy each run's report files (summary, reports, metrics CSV; no weights or audio) to DIR and "
+        "build the report from that copy, so a commit of DIR can rebuild it",
     )
     args = parser.parse_args(argv)
     try:
-        path, _ = write_report(args.runs_dir, args.out, args.markdown, args.title, args.command)
-        if args.copy_data:
+        runs_dir = args.runs_dir
+        if args.copy_data:  # copy first, then report from the copy: its rebuild command names what is kept
             count = copy_report_files(args.runs_dir, args.copy_data)
             print(f"{count} report files copied to {args.copy_data}", file=sys.stderr)
+            runs_dir = args.copy_data
+        path, _ = write_report(runs_dir, args.out, args.markdown, args.title, args.command)
     except RunsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

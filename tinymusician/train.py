@@ -6,7 +6,6 @@ with ``save_pretrained`` and prints a summary; ``main`` returns ``cfg.optimized_
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -21,6 +20,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -37,7 +37,13 @@ from tinymusician.models.musicgen import ModelSourceError
 from tinymusician.quant.size import component_sizes
 from tinymusician.training.checks import ConfigError, check_config
 from tinymusician.training.loggers import finish_loggers, log_run_end
-from tinymusician.training.summary import count_parameters, print_summary, scalar_metrics
+from tinymusician.training.summary import (
+    count_parameters,
+    print_summary,
+    run_identity,
+    scalar_metrics,
+    write_summary,
+)
 from tinymusician.zoo.pair import load_teacher_student
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=False)
+    loggers = instantiate_loggers(cfg)  # a logger's config error stops here, before any weights load
 
     models = load_teacher_student(cfg.model)
     metric = cfg.get("optimized_metric")
@@ -95,7 +102,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         *(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None),
         *post_training,
     ]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     try:
         metrics, objects = fit_and_report(
             cfg,
@@ -113,6 +119,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise
     finish_loggers(loggers)
     return metrics, objects
+
+
+def instantiate_loggers(cfg: DictConfig) -> list[Any]:
+    """``cfg.logger``'s loggers; a logger's own config error (say wandb online without an API key) comes out
+    as that error, not wrapped in Hydra's InstantiationException, so `main` prints it as one line."""
+    try:
+        return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    except InstantiationException as err:
+        if isinstance(err.__cause__, START_UP_ERRORS):
+            raise err.__cause__ from None
+        raise
 
 
 def fit_and_report(
@@ -148,15 +165,14 @@ def fit_and_report(
 
     student_dir = save_student.saved_dir
     checkpoint = next((c for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint)), None)
+    student_size_mb = component_sizes(models.student)["total"]  # fp32 as trained, before any quantization
     summary = {
         **run_identity(cfg, output_dir, status="finished"),
         "student": models.student_source,
         "teacher": models.teacher_source,
         "student_trainable_params": count_parameters(models.student, trainable=True),
         "teacher_params": count_parameters(models.teacher),
-        "student_size_mb": component_sizes(models.student)[
-            "total"
-        ],  # fp32 as trained, before any quantization
+        "student_size_mb": student_size_mb,
         "steps": int(trainer.global_step),
         "train_seconds": round(seconds, 1),
         "before": before,
@@ -180,7 +196,10 @@ def fit_and_report(
     summary["post_training"] = post_metrics
     write_summary(output_dir, summary)
     print_summary(summary)
-    log_run_end(loggers, summary, output_dir, scheduler=getattr(module.loss_fn, "scheduler", None))
+    try:  # the run is trained and summarised: a logger's trouble must not turn it into a failed one
+        log_run_end(loggers, summary, output_dir, scheduler=getattr(module.loss_fn, "scheduler", None))
+    except Exception:
+        log.exception("Logging the end-of-run reports failed; summary.json and the run's files are complete")
     metrics = {
         **{f"before/{k}": v for k, v in before.items()},
         **module.last_train_logs,
@@ -195,26 +214,6 @@ def fit_and_report(
         "models": models,
         "summary": summary,
     }
-
-
-def run_identity(cfg: DictConfig, output_dir: Path, status: str) -> dict[str, Any]:
-    """What run this is (task, loss, seed, the command line's overrides, directory) and how it ended."""
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
-    return {
-        "task": cfg.get("task_name"),
-        "loss": (cfg.get("loss") or {}).get("name"),
-        "seed": cfg.get("seed"),
-        "overrides": overrides,
-        "log_dir": str(output_dir),
-        "status": status,
-    }
-
-
-def write_summary(output_dir: Path, summary: dict[str, Any]) -> Path:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / "summary.json"
-    path.write_text(json.dumps(summary, indent=2))
-    return path
 
 
 def interrupted(

@@ -164,3 +164,39 @@ def test_sweep_summary_lists_every_job_and_exits_nonzero_on_a_failure(tmp_path, 
     write_run(finished_only / "0", ["+experiment=baseline", "seed=0"], after={"val/ce": 3.0})
     MultirunSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(finished_only)}}}))
     assert "1 jobs: 1 finished" in (finished_only / "multirun_summary.md").read_text()
+
+
+def test_numbers_come_from_the_runs_reports_and_a_failed_quantization_ships_nothing(tmp_path):
+    overrides = ["+experiment=kd_quant", "seed=0"]
+    ok = write_run(tmp_path / "ok", overrides, after={"val/ce": 3.0}, student_size_mb=4.0)
+    (ok / "quantized").mkdir()
+    size = {
+        "before_mb": {"text_encoder": 1, "decoder": 2, "codec": 1, "total": 4.0},
+        "after_mb": {"text_encoder": 0.5, "decoder": 1, "codec": 1, "total": 2.5},
+        "reduction": {"total": 0.375, "deployed": 0.3},
+    }
+    fidelity = {"top1_agree": 0.97, "top1_agree_per_codebook": [0.97], "kl": 0.01, "max_logit_diff": 0.1}
+    (ok / "quantized" / "quant_report.json").write_text(
+        json.dumps({"status": "ok", "size": size, "fidelity": fidelity})
+    )
+    (ok / "eval" / "final").mkdir(parents=True)
+    result = {"fad": {"clap": {"fad": 0.4}}, "clap": {"score": 0.6}, "generation": {"rtf": 0.2}}
+    (ok / "eval" / "final" / "report.json").write_text(json.dumps({"student": result, "quantized": result}))
+    failed = write_run(
+        tmp_path / "failed",
+        ["+experiment=kd_quant", "seed=1"],
+        after={"val/ce": 3.2},
+        post={"quant/failed": 1.0, "eval/fad_clap": 0.3},  # on_error: warn kept the run going
+        student_size_mb=4.0,
+    )
+    runs = load_runs(tmp_path)
+    by_name = {run.directory.name: run for run in runs}
+    assert by_name["ok"].quantized and by_name["ok"].metric("quant/size_mb") == 2.5  # summary has no copy
+    assert by_name["ok"].deployed("clap") == 0.6 and by_name["ok"].deployed("rtf") == 0.2
+    assert by_name["failed"].quantization == "failed" and by_name["failed"].deployed("fad_clap") is None
+    row = summarize(runs).row("kd_quant")
+    assert row.cells["size_mb"].values == [2.5] and row.cells["fad_clap"].values == [0.4]
+    assert row.cells["top1_agree"].values == [0.97] and row.cells["val_ce"].n == 2
+    text, _ = write_report(tmp_path, tmp_path / "out")
+    assert "finished (quantization failed)" in text.read_text()
+    assert failed.name in text.read_text()

@@ -136,6 +136,14 @@ def test_online_without_a_key_fails_instead_of_prompting(tmp_path):
         wandb_logger(save_dir=tmp_path, mode="online")
 
 
+def test_train_reports_the_loggers_config_error_itself(tmp_path, tiny_pair, cache_dir):
+    from tinymusician.training.checks import ConfigError
+
+    cfg = compose_train_cfg(["logger=wandb", "logger.wandb.mode=online"], tmp_path)
+    with pytest.raises(ConfigError, match="no API key"):  # not Hydra's InstantiationException around it
+        train(cfg)
+
+
 def test_the_group_is_the_sweep_in_a_multirun_and_none_in_a_single_run(tmp_path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

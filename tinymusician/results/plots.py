@@ -5,30 +5,33 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
+from matplotlib import colormaps
+from matplotlib.figure import Figure  # pyplot-free: no global backend or figure state, fine in a notebook too
 
-matplotlib.use("Agg")  # files, not windows: reports are built on headless machines too
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from tinymusician.results.runs import CURVE_KEYS, Run  # noqa: E402
-from tinymusician.results.table import Table  # noqa: E402
+from tinymusician.results.runs import CURVE_KEYS, Run
+from tinymusician.results.table import Table
 
 
 def arm_colors(table: Table) -> dict[str, tuple]:
-    return {row.arm: plt.cm.tab10(i % 10) for i, row in enumerate(table.rows)}
+    palette = colormaps["tab10"]
+    return {row.arm: palette(i % 10) for i, row in enumerate(table.rows)}
+
+
+def new_figure(rows: int, cols: int, width: float, height: float) -> tuple[Figure, object]:
+    fig = Figure(figsize=(width * cols, height * rows))
+    return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 def metric_bars(table: Table) -> Figure:
     columns = table.columns
     cols = min(4, len(columns))
     rows = math.ceil(len(columns) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = new_figure(rows, cols, 3.6, 3.2)
     colors = arm_colors(table)
     arms = [row.arm for row in table.rows]
     for ax, column in zip(axes.flat, columns, strict=False):
         cells = [row.cells[column.key] for row in table.rows]
-        means = [c.mean if c.n else 0.0 for c in cells]
+        means = [c.mean if c.n else math.nan for c in cells]  # n/a: no bar, not a bar at 0
         errors = [c.std or 0.0 for c in cells]
         ax.bar(range(len(arms)), means, yerr=errors, capsize=3, color=[colors[a] for a in arms])
         for x, cell in enumerate(cells):
@@ -49,7 +52,7 @@ def size_vs_quality(table: Table) -> Figure | None:
     quality = [c for c in table.columns if c.key.startswith("fad_") or c.key == "clap"]
     if "size_mb" not in {c.key for c in table.columns} or not quality:
         return None
-    fig, axes = plt.subplots(1, len(quality), figsize=(4.2 * len(quality), 3.6), squeeze=False)
+    fig, axes = new_figure(1, len(quality), 4.2, 3.6)
     colors = arm_colors(table)
     for ax, column in zip(axes.flat, quality, strict=True):
         for row in table.rows:
@@ -78,7 +81,7 @@ def validation_curves(runs: list[Run], table: Table) -> Figure | None:
     keys = [k for k in CURVE_KEYS if any(r.curves.get(k) for r in runs)]
     if not keys:
         return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    fig, axes = new_figure(1, len(keys), 6, 4)
     colors = arm_colors(table)
     for ax, key in zip(axes.flat, keys, strict=True):
         labelled: set[str] = set()

@@ -13,15 +13,7 @@ from tinymusician.results.runs import Run, load_runs
 from tinymusician.results.table import Table, per_run_markdown, summarize
 from tinymusician.shipped import WORLD_DIR, WORLD_PARTS
 
-DEFINITIONS = (
-    "Columns: FAD per embedder and CLAP score of the model the arm ships (the quantized student when the arm "
-    "quantizes, else the fp32 student), generated from the evaluation prompts; val CE and KL to teacher of the "
-    "fp32 student on the validation split after training; size MB of what the arm ships (quantized bundle or "
-    "fp32 student) and its reduction against the fp32 student; fidelity = teacher-forced top-1 agreement of the "
-    "quantized with the fp32 student; generation RTF = wall seconds per second of audio while evaluating "
-    "(batched, so a throughput, not a latency). Cells: mean ± sample std over the arm's finished seeds; N = "
-    "finished seeds."
-)
+CELLS = "Cells: mean ± sample std over the arm's finished seeds; N = finished seeds."
 
 
 def distinct(runs: list[Run], key: str) -> list[str]:
@@ -84,7 +76,9 @@ def markdown(
     lines = [f"# {title}", ""]
     if command:
         lines += [f"Reproduce: `{command}`", ""]
-    lines += [f"This report: `{rebuild}`", "", table.markdown(), "", DEFINITIONS, "", *setup_lines(runs), ""]
+    definitions = [f"- {c.definition}." for c in table.columns]
+    lines += [f"This report: `{rebuild}`", "", table.markdown(), "", CELLS, *definitions, ""]
+    lines += [*setup_lines(runs), ""]
     failed = failures(runs)
     if failed:
         lines += ["Runs that did not finish (left out of the means):", *failed, ""]

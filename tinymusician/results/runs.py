@@ -53,6 +53,7 @@ class Run:
     eval_report: dict[str, Any] | None = None
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     arm: str = ""
+    _report_metrics: dict[str, float] | None = field(default=None, repr=False)
 
     @property
     def status(self) -> str:
@@ -69,10 +70,28 @@ class Run:
     def finished(self) -> bool:
         return self.status == "finished"
 
+    def report_metrics(self) -> dict[str, float]:
+        """``quant/*`` from ``quant_report.json`` and ``eval/*`` / ``eval_quant/*`` (with ``rtf``) from the final
+        evaluation's ``report.json``, converted by the same functions that logged them during the run."""
+        from tinymusician.metrics.evaluation import result_metrics
+        from tinymusician.quant.job import report_metrics
+
+        metrics = report_metrics(self.quant_report) if self.quant_report else {}
+        for model, prefix in (("student", "eval"), ("quantized", "eval_quant")):
+            result = (self.eval_report or {}).get(model)
+            if result:
+                metrics.update(result_metrics(result, prefix))
+                if (result.get("generation") or {}).get("rtf") is not None:
+                    metrics[f"{prefix}/rtf"] = float(result["generation"]["rtf"])
+        return metrics
+
     def metric(self, key: str) -> float | None:
-        """A number of the run: ``val/*`` after training, ``quant/*`` / ``eval/*`` / ``eval_quant/*``, or a
-        summary field (``steps``, ``train_seconds``, ``student_size_mb``); None when the run does not have it."""
+        """A number of the run: ``quant/*`` / ``eval/*`` / ``eval_quant/*`` from its reports (else summary.json's
+        copy), ``val/*`` after training, or a summary field (``steps``, ``student_size_mb``); None if absent."""
+        if self._report_metrics is None:
+            self._report_metrics = self.report_metrics()
         for source in (
+            self._report_metrics,
             self.summary.get("post_training") or {},
             self.summary.get("after") or {},
             self.summary,
@@ -82,14 +101,29 @@ class Run:
                 return float(value)
         return None
 
+    def metric_keys(self) -> set[str]:
+        if self._report_metrics is None:
+            self._report_metrics = self.report_metrics()
+        return set(self._report_metrics) | set(self.summary.get("post_training") or {})
+
+    @property
+    def quantization(self) -> str | None:
+        """None (the run did not quantize), ``ok``, or ``failed`` (``on_error: warn`` kept the run going)."""
+        failed = self.metric("quant/failed")
+        if failed is None:
+            return "ok" if self.metric("quant/size_mb") is not None else None
+        return "failed" if failed else "ok"
+
     @property
     def quantized(self) -> bool:
-        return self.metric("quant/size_mb") is not None
+        return self.quantization == "ok"
 
     def deployed(self, key: str) -> float | None:
-        """``eval/<key>`` of the model a user would ship: the quantized student when the run quantized it."""
-        value = self.metric(f"eval_quant/{key}") if self.quantized else None
-        return value if value is not None else self.metric(f"eval/{key}")
+        """``eval/<key>`` of the model the run ships: the quantized student when it quantized; None when its
+        quantization failed (its fp32 numbers are not what the arm ships)."""
+        if self.quantization == "failed":
+            return None
+        return self.metric(f"eval_quant/{key}" if self.quantized else f"eval/{key}")
 
 
 def job_directories(root: Path) -> list[Path]:

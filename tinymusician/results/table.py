@@ -22,16 +22,19 @@ class Column:
     title: str
     better: str  # "lower", "higher" or "" (neither)
     value: Callable[[Run], float | None]
+    definition: str
     digits: int = 3
 
 
 def size_mb(run: Run) -> float | None:
-    """MB of what the run ships: the quantized bundle, or the fp32 student."""
+    """MB of what the run ships: the quantized bundle, or the fp32 student (None: its quantization failed)."""
+    if run.quantization == "failed":
+        return None
     return run.metric("quant/size_mb") if run.quantized else run.metric("student_size_mb")
 
 
 def reduction(run: Run) -> float | None:
-    if run.quantized:
+    if run.quantization is not None:
         return run.metric("quant/reduction")
     return 0.0 if run.metric("student_size_mb") is not None else None
 
@@ -48,19 +51,48 @@ def embedder_names(runs: list[Run]) -> list[str]:
 
 def columns_for(runs: list[Run]) -> list[Column]:
     """The columns these runs can fill (a column no run has is left out)."""
+    shipped = "of the model the arm ships (the quantized student when it quantizes, else the fp32 student)"
     columns = [
         *(
-            Column(f"fad_{name}", f"FAD {name}", "lower", lambda r, n=name: r.deployed(f"fad_{n}"))
+            Column(
+                f"fad_{name}",
+                f"FAD {name}",
+                "lower",
+                lambda r, n=name: r.deployed(f"fad_{n}"),
+                f"FAD {name}: Fréchet distance of `{name}` embeddings of the generated clips to the reference, {shipped}",
+            )
             for name in embedder_names(runs)
         ),
-        Column("clap", "CLAP", "higher", lambda r: r.deployed("clap")),
-        Column("val_ce", "val CE", "lower", lambda r: r.metric("val/ce")),
-        Column("kl_to_teacher", "KL to teacher", "lower", lambda r: r.metric("val/kl_to_teacher")),
-        Column("size_mb", "size MB", "lower", size_mb, digits=2),
-        Column("reduction", "reduction", "higher", reduction),
-        Column("top1_agree", "fidelity (top-1)", "higher", lambda r: r.metric("quant/top1_agree")),
-        Column("rtf", "generation RTF", "lower", lambda r: r.deployed("rtf")),
-    ]
+        Column(
+            "clap", "CLAP", "higher", lambda r: r.deployed("clap"),
+            f"CLAP: mean cosine of each prompt's and its clip's CLAP embeddings, {shipped}",
+        ),
+        Column(
+            "val_ce", "val CE", "lower", lambda r: r.metric("val/ce"),
+            "val CE: the fp32 student's cross-entropy (nats) on the validation split after training",
+        ),
+        Column(
+            "kl_to_teacher", "KL to teacher", "lower", lambda r: r.metric("val/kl_to_teacher"),
+            "KL to teacher: KL(teacher || fp32 student) on the validation split after training",
+        ),
+        Column(
+            "size_mb", "size MB", "lower", size_mb,
+            "size MB: what the arm ships (the quantized bundle, or the fp32 student)", digits=2,
+        ),
+        Column(
+            "reduction", "reduction", "higher", reduction,
+            "reduction: 1 - size / the fp32 student's size (0 for an arm that does not quantize)",
+        ),
+        Column(
+            "top1_agree", "fidelity (top-1)", "higher", lambda r: r.metric("quant/top1_agree"),
+            "fidelity: teacher-forced top-1 agreement of the quantized with the fp32 student on validation batches",
+        ),
+        Column(
+            "rtf", "generation RTF", "lower", lambda r: r.deployed("rtf"),
+            f"generation RTF: wall seconds of generation per second of audio while evaluating (batched: a "
+            f"throughput, not a latency), {shipped}",
+        ),
+    ]  # fmt: skip
     return [c for c in columns if any(c.value(r) is not None for r in runs if r.finished)]
 
 
@@ -178,6 +210,14 @@ def summarize(runs: list[Run]) -> Table:
     return Table(columns, rows)
 
 
+def seed_order(seed: Any) -> tuple[int, Any]:
+    """Numbers in numeric order (2 before 10), then anything else as text."""
+    try:
+        return 0, int(seed)
+    except (TypeError, ValueError):
+        return 1, str(seed)
+
+
 def per_run_markdown(runs: list[Run], columns: list[Column]) -> str:
     """One line per run (arm, seed, status and every column), for the appendix and the sweep's summary."""
     lines = [
@@ -185,11 +225,12 @@ def per_run_markdown(runs: list[Run], columns: list[Column]) -> str:
         "|---|---|---|" + "---|" * (len(columns) + 1),
     ]
     order = arm_order([r.arm for r in runs])
-    for run in sorted(runs, key=lambda r: (order.index(r.arm), str(r.seed))):
+    for run in sorted(runs, key=lambda r: (order.index(r.arm), seed_order(r.seed))):
         values = [column.value(run) for column in columns]
         cells = " | ".join(
             "" if v is None else f"{v:.{c.digits}f}" for v, c in zip(values, columns, strict=True)
         )
         status = run.status + (f": {run.summary['error']}" if run.summary.get("error") else "")
+        status += " (quantization failed)" if run.quantization == "failed" else ""
         lines.append(f"| {run.arm} | {run.seed} | {status} | {cells} | {run.directory.name} |")
     return "\n".join(lines)

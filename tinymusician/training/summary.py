@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
 
 def count_parameters(model: torch.nn.Module | None, trainable: bool = False) -> int:
@@ -54,3 +58,23 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"  logs                 {summary['log_dir']}",
     ]
     print("\n".join(lines), flush=True)
+
+
+def run_identity(cfg: DictConfig, output_dir: Path, status: str) -> dict[str, Any]:
+    """What run this is (task, loss, seed, the command line's overrides, directory) and how it ended."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+    return {
+        "task": cfg.get("task_name"),
+        "loss": (cfg.get("loss") or {}).get("name"),
+        "seed": cfg.get("seed"),
+        "overrides": overrides,
+        "log_dir": str(output_dir),
+        "status": status,
+    }
+
+
+def write_summary(output_dir: Path, summary: dict[str, Any]) -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2))
+    return path
