@@ -132,7 +132,13 @@ def job_directories(root: Path) -> list[Path]:
         p.parent for p in root.rglob(".hydra") if p.is_dir()
     }
     # a logger's own folders (wandb/, csv/) never hold a run
-    return sorted(d for d in found if not ({"wandb", "csv", "tensorboard"} & set(d.relative_to(root).parts)))
+    runs = [d for d in found if not ({"wandb", "csv", "tensorboard"} & set(d.relative_to(root).parts))]
+    return sorted(runs, key=lambda d: natural_key(d.relative_to(root)))
+
+
+def natural_key(path: Path) -> list[tuple[int, int | str]]:
+    """Job directories in the order the sweep ran them: ``2`` before ``10``."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in path.parts]
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
