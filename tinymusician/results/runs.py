@@ -2,7 +2,7 @@
 
 Each run directory of ``python -m tinymusician.train`` holds ``summary.json`` (also for failed and interrupted
 jobs), ``.hydra/overrides.yaml``, ``csv/metrics.csv``, ``quantized/quant_report.json`` and
-``eval/final/report.json``. An *arm* is what tells runs apart apart from their seed: the experiment plus every
+``eval/final/report.json``. An *arm* is what tells runs apart, seed aside: the experiment plus every
 override that differs between the runs read together.
 """
 
