@@ -13,6 +13,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,6 @@ class Run:
     eval_report: dict[str, Any] | None = None
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     arm: str = ""
-    _report_metrics: dict[str, float] | None = field(default=None, repr=False)
 
     @property
     def status(self) -> str:
@@ -70,6 +70,7 @@ class Run:
     def finished(self) -> bool:
         return self.status == "finished"
 
+    @cached_property
     def report_metrics(self) -> dict[str, float]:
         """``quant/*`` from ``quant_report.json`` and ``eval/*`` / ``eval_quant/*`` (with ``rtf``) from the final
         evaluation's ``report.json``, converted by the same functions that logged them during the run."""
@@ -88,10 +89,8 @@ class Run:
     def metric(self, key: str) -> float | None:
         """A number of the run: ``quant/*`` / ``eval/*`` / ``eval_quant/*`` from its reports (else summary.json's
         copy), ``val/*`` after training, or a summary field (``steps``, ``student_size_mb``); None if absent."""
-        if self._report_metrics is None:
-            self._report_metrics = self.report_metrics()
         for source in (
-            self._report_metrics,
+            self.report_metrics,
             self.summary.get("post_training") or {},
             self.summary.get("after") or {},
             self.summary,
@@ -102,9 +101,7 @@ class Run:
         return None
 
     def metric_keys(self) -> set[str]:
-        if self._report_metrics is None:
-            self._report_metrics = self.report_metrics()
-        return set(self._report_metrics) | set(self.summary.get("post_training") or {})
+        return set(self.report_metrics) | set(self.summary.get("post_training") or {})
 
     @property
     def quantization(self) -> str | None:
