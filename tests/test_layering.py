@@ -25,9 +25,22 @@ LAYERS = (
     "training",
     "results",
 )
-CLIS = ("train", "evaluate", "generate", "quantize", "export", "prepare", "report")  # top-level entry points
+CLIS = (
+    "train",
+    "evaluate",
+    "generate",
+    "quantize",
+    "export",
+    "prepare",
+    "report",
+    "cache_teacher",
+    "plan_memory",
+)  # top-level entry points
 # An old command name kept working; it may import its CLI, only under `if __name__ == "__main__":`.
-SHIMS = {"tinymusician.data.prepare": "tinymusician.prepare"}
+SHIMS = {
+    "tinymusician.data.prepare": "tinymusician.prepare",
+    "tinymusician.distill.cache_teacher": "tinymusician.cache_teacher",
+}
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -29,13 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 from tinymusician.callbacks.interrupt import CheckpointOnInterrupt
 from tinymusician.callbacks.save_student import SaveStudent
 from tinymusician.config import to_plain
-from tinymusician.data.audio import BadSampleError
-from tinymusician.data.datamodule import EmptySplitError
 from tinymusician.distill.module import DistillationModule
 from tinymusician.machine import machine
-from tinymusician.models.musicgen import ModelSourceError
 from tinymusician.quant.size import component_sizes
-from tinymusician.training.checks import ConfigError, check_config
+from tinymusician.training.checks import START_UP_ERRORS, ConfigError, check_config
+from tinymusician.training.distributed import distributed_job, is_rank_zero
 from tinymusician.training.loggers import finish_loggers, log_run_end
 from tinymusician.training.summary import (
     count_parameters,
@@ -44,6 +42,7 @@ from tinymusician.training.summary import (
     scalar_metrics,
     write_summary,
 )
+from tinymusician.training.teacher_logits import check_cacheable, open_for_run, teacher_source
 from tinymusician.zoo.pair import load_teacher_student
 
 log = logging.getLogger(__name__)
@@ -61,20 +60,20 @@ class TrainingInterrupted(RuntimeError):
     """SIGTERM stopped training; a checkpoint to resume from was written (its path is in the message)."""
 
 
-# Errors of the user's config or data, caught in `main` and printed as one `error: ...` line (no traceback).
-START_UP_ERRORS = (ConfigError, ModelSourceError, EmptySplitError, BadSampleError)
-
-
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run one training job; returns (metrics, objects) so tests and sweeps can inspect both."""
     loss, datamodule, post_training = check_config(cfg)
+    kd_source = teacher_source(cfg)
+    if kd_source == "cache":
+        check_cacheable(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=False)
+    if is_rank_zero():  # DDP ranks > 0 run this same job: its files are written once
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=False)
     loggers = instantiate_loggers(cfg)  # a logger's config error stops here, before any weights load
 
-    models = load_teacher_student(cfg.model)
+    models = load_teacher_student(cfg.model, load_teacher=kd_source == "live")
     metric = cfg.get("optimized_metric")
     num_codebooks = models.student.config.decoder.num_codebooks
     codebook = re.fullmatch(r"val/ce_q(\d+)", str(metric))
@@ -84,6 +83,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         )
     datamodule.attach(models.student, models.tokenizer)
     datamodule.setup("fit")
+    # Seeded again now that the weights are in: loading a teacher (or not, from the cache) consumes the global
+    # RNG, and a run's data order and dropout must not depend on where its KD targets come from.
+    L.seed_everything(cfg.seed, workers=True)
+    teacher_cache, cache_report = open_for_run(cfg, datamodule) if kd_source == "cache" else (None, None)
     module = DistillationModule(
         student=models.student,
         teacher=models.teacher,
@@ -92,7 +95,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         cond_dropout=float(cfg.cond_dropout),
         checkpoint_frozen=bool(cfg.get("checkpoint_frozen", True)),
+        teacher_cache=teacher_cache,
     )
+    if cache_report is not None:
+        log.info(
+            "KD targets from the teacher-logit cache %s (%.1f MB)",
+            teacher_cache.root,
+            cache_report["megabytes"],
+        )
     save_student = SaveStudent(output_dir / "student", models.tokenizer)
     on_interrupt = CheckpointOnInterrupt(output_dir / "checkpoints")
     # At fit end SaveStudent runs first, so post-training steps (quantize, evaluate) cannot lose the weights.
@@ -103,17 +113,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         *post_training,
     ]
     try:
-        metrics, objects = fit_and_report(
-            cfg,
-            models=models,
-            module=module,
-            datamodule=datamodule,
-            callbacks=callbacks,
-            post_training=post_training,
-            loggers=loggers,
-            save_student=save_student,
-            on_interrupt=on_interrupt,
-        )
+        with distributed_job():  # DDP in a multirun: ranks > 0 re-run this job, in its directory
+            metrics, objects = fit_and_report(
+                cfg,
+                models=models,
+                module=module,
+                datamodule=datamodule,
+                callbacks=callbacks,
+                post_training=post_training,
+                loggers=loggers,
+                save_student=save_student,
+                on_interrupt=on_interrupt,
+            )
     except BaseException:
         finish_loggers(loggers, failed=True)  # one finished wandb run per job, also after a crash or SIGTERM
         raise
@@ -172,8 +183,10 @@ def fit_and_report(
         "teacher": models.teacher_source,
         "student_trainable_params": count_parameters(models.student, trainable=True),
         "teacher_params": count_parameters(models.teacher),
+        "teacher_source": teacher_logits_summary(module),
         "student_size_mb": student_size_mb,
         "steps": int(trainer.global_step),
+        "precision": str(trainer.precision),  # as run: on CPU Lightning turns 16-mixed into bf16-mixed
         "train_seconds": round(seconds, 1),
         "before": before,
         "after": after,
@@ -194,12 +207,13 @@ def fit_and_report(
             summary["eval_report"] = str(callback.last_report_path)
             summary["eval_setup"] = callback.describe()
     summary["post_training"] = post_metrics
-    write_summary(output_dir, summary)
-    print_summary(summary)
-    try:  # the run is trained and summarised: a logger's trouble must not turn it into a failed one
-        log_run_end(loggers, summary, output_dir, scheduler=getattr(module.loss_fn, "scheduler", None))
-    except Exception:
-        log.exception("Logging the end-of-run reports failed; summary.json and the run's files are complete")
+    if trainer.is_global_zero:  # DDP: one summary.json, one printout, one upload per job
+        write_summary(output_dir, summary)
+        print_summary(summary)
+        try:  # the run is trained and summarised: a logger's trouble must not turn it into a failed one
+            log_run_end(loggers, summary, output_dir, scheduler=getattr(module.loss_fn, "scheduler", None))
+        except Exception:
+            log.exception("Logging the end-of-run reports failed; summary.json and the files are complete")
     metrics = {
         **{f"before/{k}": v for k, v in before.items()},
         **module.last_train_logs,
@@ -216,6 +230,21 @@ def fit_and_report(
     }
 
 
+def teacher_logits_summary(module: DistillationModule) -> dict[str, Any]:
+    """Where the KD targets came from: the live teacher, or the cache (its directory, k, temperature, tail)."""
+    cache = module.teacher_cache
+    if cache is None:
+        return {"kind": "live" if module.teacher is not None else "none"}
+    settings = cache.settings
+    return {
+        "kind": "cache",
+        "dir": str(cache.root),
+        "k": settings.k,
+        "temperature": settings.temperature,
+        "tail": settings.tail,
+    }
+
+
 def interrupted(
     cfg: DictConfig, output_dir: Path, trainer: L.Trainer, checkpoint: Path | None
 ) -> TrainingInterrupted:
@@ -223,7 +252,8 @@ def interrupted(
     steps = int(trainer.global_step)
     summary = {**run_identity(cfg, output_dir, status="interrupted"), "steps": steps}
     summary["interrupted_checkpoint"] = str(checkpoint) if checkpoint else None
-    write_summary(output_dir, summary)
+    if trainer.is_global_zero:
+        write_summary(output_dir, summary)
     if checkpoint is None:
         return TrainingInterrupted(
             f"training interrupted by SIGTERM at step {steps}, before any step to save"

@@ -10,12 +10,13 @@ from tinymusician.data.token_cache import TokenSplit
 
 
 class SegmentDataset(Dataset):
-    """Training items cut from a split's clips: item = ``{"codes": [K, S], "length": int, "caption": str}``.
+    """Training items cut from a split's clips: item = ``{"codes": [K, S], "length", "caption", "index"}``.
 
     Every clip gives its fixed windows ``0, S, 2S, ...`` (a last, shorter window only if it has at least
     ``min_segment_frames``); with ``random_offsets`` each of those items instead starts at a fresh random
     frame every time it is read. ``segment_frames=None`` serves whole clips, padded to the longest. Padding
-    is code 0 and ``length`` says how many frames are real.
+    is code 0 and ``length`` says how many frames are real; ``index`` is the item's position in the dataset (the
+    teacher-logit cache's key for its row).
     """
 
     def __init__(
@@ -46,7 +47,7 @@ class SegmentDataset(Dataset):
         valid = codes.shape[-1]
         if valid < self.size:
             codes = torch.nn.functional.pad(codes, (0, self.size - valid))
-        return {"codes": codes, "length": valid, "caption": self.split.captions[clip]}
+        return {"codes": codes, "length": valid, "caption": self.split.captions[clip], "index": index}
 
 
 class CaptionCollator:
@@ -67,6 +68,7 @@ class CaptionCollator:
         return {
             "codes": torch.stack([item["codes"] for item in items]),
             "lengths": torch.tensor([item["length"] for item in items]),
+            "index": torch.tensor([item.get("index", -1) for item in items]),
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
             "captions": [item["caption"] for item in items],

@@ -43,7 +43,7 @@ class CorruptCacheError(ValueError):
         self.problem = problem
 
 
-def _fsync(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     """Flush a file before it is renamed into place: else a crash can leave a renamed but empty shard."""
     with path.open("rb+") as handle:
         os.fsync(handle.fileno())
@@ -206,7 +206,7 @@ class ShardedTokenCache:
                 "bad": json.dumps(shard.bad),
             },
         )
-        _fsync(tmp)
+        fsync_file(tmp)
         tmp.replace(path)  # atomic: an interrupted run never leaves a half-written shard
 
     @staticmethod
@@ -269,5 +269,5 @@ class ShardedTokenCache:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.report_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"key": self.key, **report}, indent=2, default=str))
-        _fsync(tmp)
+        fsync_file(tmp)
         tmp.replace(self.report_path)

@@ -9,7 +9,8 @@ Implementation: each divergence runs as one fused autograd function. The forward
 per-position value together with its analytic gradient w.r.t. the student logits, chunk by chunk over
 positions, and keeps only that gradient (one fp32 ``[B, K, T, V]`` tensor, even for the stage-mixed pair)
 instead of autograd's chain of log-softmax / exp / logaddexp intermediates; the backward pass just scales
-it. Consequences: the teacher is a constant target (no gradient flows to it) and there is no double
+it. The teacher is dense logits or a :class:`~tinymusician.distill.sparse.SparseTeacher` (top-k log-probabilities
+from the teacher-logit cache), rebuilt per chunk. Consequences: the teacher is a constant target (no gradient flows to it) and there is no double
 backward. Where the student puts -inf on a token the teacher gives mass (a truly infinite KL), the logit
 floor below makes the value large (~1e4 * p) but finite.
 """
@@ -22,12 +23,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from tinymusician.distill.sparse import SparseTeacher
+
 __all__ = [
     "DIVERGENCES",
     "REDUCTIONS",
     "adaptive_kl",
     "adaptive_kl_weights",
     "adaptive_kl_with_weights",
+    "chunk_elements",
     "forward_kl",
     "get_divergence",
     "jsd",
@@ -50,6 +54,12 @@ _LOGIT_FLOOR = -1.0e4
 # [B, K, T, V] buffers (and on CPU no page faults); much smaller chunks pay per-op thread-pool overhead.
 _CHUNK_ELEMENTS = {"cpu": 1 << 22}
 _CHUNK_ELEMENTS_DEFAULT = 1 << 24  # accelerators: fewer, larger kernels
+
+
+def chunk_elements(device_type: str) -> int:
+    """Elements of one chunk of ``[N, V]`` rows on ``device_type``: what the memory plan counts per chunk."""
+    return _CHUNK_ELEMENTS.get(device_type, _CHUNK_ELEMENTS_DEFAULT)
+
 
 _AKL_TOPK = 64
 _MIX_CLAMP = 60.0  # |log(p / q)| bound in the stage-mixed kernel (see _mix_kernel)
@@ -275,18 +285,22 @@ class _FusedDivergence(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         vocab = student_logits.shape[-1]
         student = student_logits.detach().reshape(-1, vocab)
-        teacher = teacher_logits.detach().reshape(-1, vocab)
+        sparse = isinstance(teacher_logits, SparseTeacher)
+        teacher = teacher_logits if sparse else teacher_logits.detach().reshape(-1, vocab)
         rows_valid = valid.reshape(-1)
         n = student.shape[0]
         grad = student.new_empty((n, vocab), dtype=torch.float32) if need_grad else None
         values: list[torch.Tensor] = []
-        chunk = _CHUNK_ELEMENTS.get(student.device.type, _CHUNK_ELEMENTS_DEFAULT)
+        chunk = chunk_elements(student.device.type)
         step = max(1, chunk // max(vocab, 1))
         for start in range(0, max(n, 1), step):
             rows = slice(start, min(n, start + step))
             ok = rows_valid[rows]
             log_q = _log_probs(student[rows], ok, temperature)
-            log_p = _log_probs(teacher[rows], ok, temperature)
+            if sparse:
+                log_p = teacher.dense_log_probs(rows, ok, temperature, log_q)
+            else:
+                log_p = _log_probs(teacher[rows], ok, temperature)
             chunk_values = kernel(log_q, log_p, grad[rows] if need_grad else None, **params)
             if not values:
                 values = [student.new_zeros(n, dtype=torch.float32) for _ in chunk_values]
@@ -310,7 +324,10 @@ class _FusedDivergence(torch.autograd.Function):
         return grad_student, None, None, None, None, None
 
 
-def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor, temperature):
+Teacher = torch.Tensor | SparseTeacher  # dense logits [B, K, T, V] or the cache's top-k
+
+
+def _check(student_logits: torch.Tensor, teacher_logits: Teacher, valid: torch.Tensor, temperature):
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
@@ -344,7 +361,7 @@ def reduce_positions(values: torch.Tensor, valid: torch.Tensor, reduction: str) 
 def _run(
     kernel: Kernel,
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: Teacher,
     valid: torch.Tensor,
     temperature: float,
     reduction: str,
@@ -353,8 +370,13 @@ def _run(
     _check(student_logits, teacher_logits, valid, temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; known: {', '.join(REDUCTIONS)}")
-    values = _FusedDivergence.apply(student_logits, teacher_logits, valid, float(temperature), kernel, params)
-    return [reduce_positions(v, valid, reduction) for v in values]
+    # Autocast (trainer.precision=bf16-mixed / 16-mixed) would round the kernels' dot products (vecdot) to
+    # half precision: values and gradients stay fp32 whatever precision the models ran in.
+    with torch.autocast(student_logits.device.type, enabled=False):
+        values = _FusedDivergence.apply(
+            student_logits, teacher_logits, valid, float(temperature), kernel, params
+        )
+        return [reduce_positions(v, valid, reduction) for v in values]
 
 
 def _unit_interval(name: str, value: float) -> float:
@@ -365,7 +387,7 @@ def _unit_interval(name: str, value: float) -> float:
 
 def forward_kl(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: Teacher,
     valid: torch.Tensor,
     *,
     temperature: float = 1.0,
@@ -381,7 +403,7 @@ def forward_kl(
 
 def reverse_kl(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: Teacher,
     valid: torch.Tensor,
     *,
     temperature: float = 1.0,
@@ -393,7 +415,7 @@ def reverse_kl(
 
 def skewed_forward_kl(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: Teacher,
     valid: torch.Tensor,
     *,
     temperature: float = 1.0,
@@ -407,7 +429,7 @@ def skewed_forward_kl(
 
 def skewed_reverse_kl(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: Teacher,
     valid: torch.Tensor,
     *,
     temperature: float = 1.0,
@@ -421,7 +443,7 @@ def skewed_reverse_kl(
 
 def skewed_kl_mix(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: Teacher,
     valid: torch.Tensor,
     *,
     w_fwd: float,
@@ -444,7 +466,7 @@ def skewed_kl_mix(
 
 def jsd(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: Teacher,
     valid: torch.Tensor,
     *,
     temperature: float = 1.0,
@@ -461,7 +483,7 @@ def jsd(
 
 def adaptive_kl(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: Teacher,
     valid: torch.Tensor,
     *,
     temperature: float = 1.0,
@@ -479,7 +501,7 @@ def adaptive_kl(
 
 def adaptive_kl_with_weights(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: Teacher,
     valid: torch.Tensor,
     *,
     temperature: float = 1.0,
@@ -495,7 +517,7 @@ def adaptive_kl_with_weights(
 @torch.no_grad()
 def adaptive_kl_weights(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: Teacher,
     valid: torch.Tensor,
     *,
     temperature: float = 1.0,

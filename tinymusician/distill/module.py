@@ -12,6 +12,8 @@ from transformers import MusicgenForConditionalGeneration
 
 from tinymusician.distill.divergences import forward_kl
 from tinymusician.distill.losses import DistillationLoss
+from tinymusician.distill.sparse import SparseTeacher
+from tinymusician.distill.teacher_cache import TeacherLogitCache
 from tinymusician.models.musicgen import freeze, teacher_forcing
 
 # What validation_step logs: train.check_config validates `optimized_metric` and checkpoint monitors against
@@ -50,6 +52,16 @@ def per_codebook_ce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Ten
     return ce.sum(dim=(0, 2)) / valid.sum(dim=(0, 2)).clamp_min(1)
 
 
+def teacher_ce(
+    teacher: torch.Tensor | SparseTeacher, labels: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """The teacher's CE on the codes (mean of the per-codebook means), from live logits or the cache's top-k."""
+    if not isinstance(teacher, SparseTeacher):
+        return per_codebook_ce(teacher, labels, valid).mean()
+    nll = -teacher.label_log_probs(labels.masked_fill(~valid, 0)) * valid
+    return (nll.sum(dim=(0, 2)) / valid.sum(dim=(0, 2)).clamp_min(1)).mean()
+
+
 class DistillationModule(L.LightningModule):
     """Trains ``student``'s decoder against the codes (CE) and the ``teacher``'s distributions (KD).
 
@@ -67,14 +79,17 @@ class DistillationModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         cond_dropout: float = 0.0,
         checkpoint_frozen: bool = True,
+        teacher_cache: TeacherLogitCache | None = None,
     ) -> None:
         super().__init__()
-        if loss.requires_teacher and teacher is None:
+        if loss.requires_teacher and teacher is None and teacher_cache is None:
             raise ValueError(f"loss {type(loss).__name__} distils from a teacher, but model.teacher is null")
         self.student = student
         freeze(student.text_encoder)
         freeze(student.audio_encoder)
         object.__setattr__(self, "teacher", freeze(teacher) if teacher is not None else None)
+        # distill.teacher_source=cache: the teacher's top-k per position, read from disk; no teacher is loaded
+        self.teacher_cache = teacher_cache
         self.loss_fn = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -149,39 +164,58 @@ class DistillationModule(L.LightningModule):
         return min(self.global_step / total, 1.0)
 
     # --- forward --------------------------------------------------------------------------------------
-    def forward_batch(self, batch: dict[str, torch.Tensor], with_teacher: bool) -> dict[str, torch.Tensor]:
-        """Delay the codes, encode the text once, run student (and teacher): logits ``[B, K, T, V]``."""
+    def forward_batch(
+        self, batch: dict[str, torch.Tensor], with_teacher: bool, split: str = "train"
+    ) -> dict[str, Any]:
+        """Delay the codes, encode the text once, run student (and teacher): logits ``[B, K, T, V]``.
+
+        ``out["teacher"]`` is the live teacher's logits or the cache's :class:`SparseTeacher` (rows of ``split``);
+        ``out["kd_valid"]`` marks the positions the KD term uses.
+        """
         forcing = teacher_forcing(self.student, batch)
+        keep = None
         if self.training and self.cond_dropout > 0:
             # Classifier-free guidance needs the null condition: drop whole captions, as MusicGen does.
             mask = forcing.text_mask
             keep = torch.rand(mask.shape[0], device=mask.device) >= self.cond_dropout
             forcing.text_mask = mask * keep[:, None].to(mask.dtype)
-        out = {"labels": forcing.delayed.labels, "valid": forcing.delayed.valid}
+        valid = forcing.delayed.valid
+        out: dict[str, Any] = {"labels": forcing.delayed.labels, "valid": valid, "kd_valid": valid}
         out["student"] = forcing.logits(self.student)
         if with_teacher and self.teacher is not None:
             with torch.no_grad():
                 out["teacher"] = forcing.logits(self.teacher)
+        elif with_teacher and self.teacher_cache is not None:
+            vocab = out["student"].shape[-1]
+            out["teacher"] = self.teacher_cache.lookup(split, batch["index"], vocab).to(out["student"].device)
+            if keep is not None:
+                # the cache holds the teacher given the caption; a dropped caption's row trains on CE only
+                out["kd_valid"] = valid & keep[:, None, None]
         return out
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """lambda_ce * CE + lambda_kd * KD on one batch, and what training logs of it (benchmarks time this)."""
         out = self.forward_batch(batch, with_teacher=self.loss_fn.requires_teacher)
         ce_q = per_codebook_ce(out["student"], out["labels"], out["valid"])
         ce = ce_q.mean()
-        kd = self.loss_fn(out["student"], out.get("teacher"), out["valid"], self.progress)
+        kd = self.loss_fn(out["student"], out.get("teacher"), out["kd_valid"], self.progress)
         loss = self.loss_fn.lambda_ce * ce + self.loss_fn.lambda_kd * kd.value
-        batch_size = batch["codes"].shape[0]
         logs = {"train/loss": loss.detach(), "train/ce": ce.detach(), "train/kd": kd.value.detach()}
         logs.update({f"train/ce_q{k}": v for k, v in enumerate(ce_q.detach())})
         logs.update({f"train/kd_q{k}": v for k, v in enumerate(kd.per_codebook.detach())})
         logs.update({f"train/{name}": float(value) for name, value in kd.logs.items()})
+        return loss, logs
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, logs = self.training_loss(batch)
+        batch_size = batch["codes"].shape[0]
         self.log_dict(logs, batch_size=batch_size)
         self.last_train_logs = {name: float(value) for name, value in logs.items()}
         self.log("train/loss_step", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self.forward_batch(batch, with_teacher=True)
+        out = self.forward_batch(batch, with_teacher=True, split="val")
         ce_q = per_codebook_ce(out["student"], out["labels"], out["valid"])
         batch_size = batch["codes"].shape[0]
         logs = {"val/ce": ce_q.mean()}
@@ -189,6 +223,9 @@ class DistillationModule(L.LightningModule):
         if "teacher" in out:
             # KL(teacher || student) at T=1: how close the student is to the teacher, whatever the loss.
             logs["val/kl_to_teacher"] = forward_kl(out["student"], out["teacher"], out["valid"])
-            logs["val/teacher_ce"] = per_codebook_ce(out["teacher"], out["labels"], out["valid"]).mean()
-        self.log_dict(logs, batch_size=batch_size, prog_bar=False)
-        self.log("val/ce_bar", logs["val/ce"], prog_bar=True, logger=False, batch_size=batch_size)
+            logs["val/teacher_ce"] = teacher_ce(out["teacher"], out["labels"], out["valid"])
+        # sync_dist: under DDP each rank validates its share; the epoch's value is the mean over ranks
+        self.log_dict(logs, batch_size=batch_size, prog_bar=False, sync_dist=True)
+        self.log(
+            "val/ce_bar", logs["val/ce"], prog_bar=True, logger=False, batch_size=batch_size, sync_dist=True
+        )

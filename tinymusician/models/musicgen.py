@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -257,16 +258,19 @@ def decoder_logits(
     batch, num_codebooks, length = inputs.shape
     proj = getattr(model, "enc_to_dec_proj", None)
     dtype = model.decoder.dtype
-    hidden = text_hidden.to(dtype)
-    if proj is not None:
-        hidden = proj(hidden.to(proj.weight.dtype)).to(dtype)
-    hidden = hidden * text_mask[..., None].to(hidden.dtype)
-    out = model.decoder(
-        input_ids=inputs.reshape(batch * num_codebooks, length),
-        encoder_hidden_states=hidden,
-        encoder_attention_mask=text_mask,
-        use_cache=False,
-    )
+    # A half-precision model (a bf16/fp16 teacher) runs in its own dtype: autocast to another half dtype would
+    # mix the two (CPU LayerNorm rejects bf16 activations with fp16 weights). fp32 models follow autocast.
+    with nullcontext() if dtype == torch.float32 else torch.autocast(inputs.device.type, enabled=False):
+        hidden = text_hidden.to(dtype)
+        if proj is not None:
+            hidden = proj(hidden.to(proj.weight.dtype)).to(dtype)
+        hidden = hidden * text_mask[..., None].to(hidden.dtype)
+        out = model.decoder(
+            input_ids=inputs.reshape(batch * num_codebooks, length),
+            encoder_hidden_states=hidden,
+            encoder_attention_mask=text_mask,
+            use_cache=False,
+        )
     return out.logits.reshape(batch, num_codebooks, length, -1)
 
 

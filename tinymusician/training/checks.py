@@ -10,17 +10,24 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from tinymusician.data.datamodule import CodesDataModule
+from tinymusician.data.audio import BadSampleError
+from tinymusician.data.datamodule import CodesDataModule, EmptySplitError
 from tinymusician.distill.losses import DistillationLoss
 from tinymusician.distill.module import PER_CODEBOOK_VALIDATION_METRIC, validation_metric_keys
+from tinymusician.distill.teacher_cache import TeacherCacheError
 from tinymusician.models.musicgen import ModelSourceError
 from tinymusician.quant import check_quant_config
+from tinymusician.training.distributed import check_distributed
 from tinymusician.zoo.pair import check_model_config
 from tinymusician.zoo.source import read_training_checkpoint
 
 
 class ConfigError(ValueError):
     """The composed config cannot run; raised before any model is loaded."""
+
+
+# Errors of the user's config or data: the CLIs print them as one `error: ...` line (no traceback), exit 2.
+START_UP_ERRORS = (ConfigError, ModelSourceError, EmptySplitError, BadSampleError, TeacherCacheError)
 
 
 def check_resume_checkpoint(ckpt_path: str) -> None:
@@ -86,6 +93,23 @@ def check_metrics(cfg: DictConfig, post_training: list[L.Callback]) -> None:
             )
 
 
+# trainer.precision: fp32 or autocast mixed precision over fp32 weights (the saved student stays fp32; CE and
+# KD are computed in fp32 either way). On CPU Lightning 2.6 runs 16-mixed as bf16-mixed, with a warning;
+# summary.json's `precision` is the one used. "*-true" half precisions would train and save a half student.
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16")
+
+
+def check_precision(trainer_cfg: DictConfig) -> None:
+    """``trainer.precision`` must be one of :data:`PRECISIONS`."""
+    precision = str(trainer_cfg.get("precision", "32-true"))
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={precision}: use 32-true, bf16-mixed or 16-mixed (autocast over fp32 weights, so "
+            "the student trains and is saved in fp32). For a half-precision teacher set "
+            "model.teacher_dtype=bfloat16 (or float16)"
+        )
+
+
 def check_config(cfg: DictConfig) -> tuple[DistillationLoss, CodesDataModule, list[L.Callback]]:
     """Validate everything that does not need weights; return the cheap objects it built.
 
@@ -116,6 +140,10 @@ def check_config(cfg: DictConfig) -> tuple[DistillationLoss, CodesDataModule, li
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    check_precision(cfg.trainer)
+    problem = check_distributed(cfg)  # trainer=ddp / fsdp, model.teacher_sharding
+    if problem is not None:
+        raise ConfigError(problem)
     if cfg.get("ckpt_path") is not None:
         check_resume_checkpoint(str(cfg.ckpt_path))
     try:

@@ -1,9 +1,13 @@
-"""Load the teacher/student pair a config names (tiny, hub id or local dir) through one code path."""
+"""Load the teacher/student pair a config names (tiny, hub id or local dir) through one code path.
+
+Also the student's training options that change how its decoder runs, not what it computes: gradient
+checkpointing and ``torch.compile`` (``model.student_gradient_checkpointing``, ``model.compile_student``).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +16,9 @@ import torch
 import transformers
 from omegaconf import DictConfig
 from transformers import AutoConfig, MusicgenConfig, MusicgenForConditionalGeneration, PreTrainedTokenizerBase
+from transformers.models.musicgen.modeling_musicgen import MusicgenDecoderLayer
 
+from tinymusician.config import to_plain
 from tinymusician.models.musicgen import (
     DTYPES,
     check_model_source,
@@ -50,6 +56,11 @@ PAIR_FIELDS: dict[str, tuple[str, ...]] = {
         "layer_norm_epsilon",
     ),
 }
+
+
+# ``model.compile_student``: torch.compile's modes, or a mapping of these torch.compile arguments.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_ARGUMENTS = ("mode", "backend", "fullgraph", "dynamic", "options")
 
 
 class IncompatiblePairError(ValueError):
@@ -142,6 +153,10 @@ def check_model_config(model_cfg: DictConfig) -> None:
     dtype = model_cfg.get("teacher_dtype", "float32")
     if dtype is not None and str(dtype) not in DTYPES:
         raise ValueError(f"model.teacher_dtype={dtype!r}: unknown dtype; known: {sorted(DTYPES)}")
+    checkpointing = model_cfg.get("student_gradient_checkpointing", False)
+    if not isinstance(checkpointing, bool):
+        raise ValueError(f"model.student_gradient_checkpointing={checkpointing!r}: must be true or false")
+    compile_arguments(model_cfg.get("compile_student", False))
     student = source_config(model_cfg, "student")
     if model_cfg.get("teacher") is not None:
         teacher = source_config(model_cfg, "teacher")
@@ -174,15 +189,91 @@ def check_compatible(
             )
 
 
-def load_teacher_student(model_cfg: DictConfig) -> TeacherStudent:
-    """Student in fp32 (it trains), teacher frozen in ``model.teacher_dtype``; tokenizer from the student."""
+def load_teacher_student(model_cfg: DictConfig, load_teacher: bool = True) -> TeacherStudent:
+    """Student in fp32 (it trains), teacher frozen in ``model.teacher_dtype``; tokenizer from the student.
+
+    ``load_teacher=False`` (training from the teacher-logit cache) keeps the teacher's source but not its weights.
+    """
     student_source, teacher_source = resolve_sources(model_cfg)
     with quiet_transformers():
         student = load_musicgen(student_source)
+        prepare_student(student, model_cfg)
         teacher = None
-        if teacher_source is not None:
+        if teacher_source is not None and load_teacher:
             teacher = freeze(load_musicgen(teacher_source, dtype=model_cfg.get("teacher_dtype", "float32")))
             check_compatible(student, teacher, student_source, teacher_source)
         tokenizer = load_tokenizer(student_source)
     log.info("Student %s (%s); teacher %s", student_source, Path(student_source).name, teacher_source)
     return TeacherStudent(student, teacher, tokenizer, student_source, teacher_source)
+
+
+def compile_arguments(value: object) -> dict[str, object] | None:
+    """``model.compile_student`` as ``torch.compile`` keyword arguments; None when off.
+
+    ``false``/``null`` off, ``true`` torch's defaults (inductor), a mode string (``max-autotune``, ...) or a
+    mapping of :data:`COMPILE_ARGUMENTS` (``{backend: aot_eager}``). Anything else raises naming the key.
+    """
+    key = "model.compile_student"
+    value = to_plain(value)
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, str):
+        value = {"mode": value}
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"{key}={value!r}: expected false, true, a torch.compile mode {list(COMPILE_MODES)} or a mapping of "
+            f"torch.compile arguments {list(COMPILE_ARGUMENTS)}"
+        )
+    unknown = sorted(set(value) - set(COMPILE_ARGUMENTS))
+    if unknown:
+        raise ValueError(
+            f"{key}: unknown torch.compile argument(s) {unknown}; known: {list(COMPILE_ARGUMENTS)}"
+        )
+    if "mode" in value and value["mode"] not in COMPILE_MODES:
+        raise ValueError(
+            f"{key}: mode={value['mode']!r} is not a torch.compile mode; known: {list(COMPILE_MODES)}"
+        )
+    if "backend" in value:
+        import torch._dynamo  # ~3 s to import: only when a backend is named
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if value["backend"] not in backends:
+            raise ValueError(
+                f"{key}: backend={value['backend']!r} is unknown to torch.compile; known: {backends}"
+            )
+    return dict(value)
+
+
+def decoder_layers(model: MusicgenForConditionalGeneration) -> list[torch.nn.Module]:
+    """The decoder's repeated transformer blocks (what checkpointing recomputes and compiling reuses)."""
+    return [m for m in model.decoder.modules() if isinstance(m, MusicgenDecoderLayer)]
+
+
+def prepare_student(student: MusicgenForConditionalGeneration, model_cfg: DictConfig) -> None:
+    """Gradient checkpointing and ``torch.compile`` of the student's decoder, in place, as ``model.*`` asks.
+
+    Neither touches T5 or EnCodec (frozen, run without gradients) nor the parameters: ``state_dict`` keys,
+    Lightning checkpoints and ``save_pretrained`` stay exactly as without.
+    """
+    if model_cfg.get("student_gradient_checkpointing", False):
+        # Hugging Face's own switch: each decoder layer's forward is recomputed in the backward pass by
+        # torch.utils.checkpoint (non-reentrant, preserve_rng_state: dropout draws the same masks twice).
+        decoder = (
+            student.decoder
+        )  # the newer transformers name first; the older one warns as deprecated there
+        enable = (
+            getattr(decoder, "activation_checkpointing_enable", None) or decoder.gradient_checkpointing_enable
+        )
+        enable({"use_reentrant": False})
+    arguments = compile_arguments(model_cfg.get("compile_student", False))
+    if arguments is not None:
+        # Regional compilation: each decoder layer in place (nn.Module.compile keeps parameter names). The
+        # layers are identical, so they share one compiled graph and compiling costs one layer's time; a
+        # whole-decoder compile breaks its graph at layerdrop's random draw in the layer loop and exhausts
+        # dynamo's recompile limit on transformers' shared wrappers, falling back to eager.
+        layers = decoder_layers(student)
+        for layer in layers:
+            layer.compile(**arguments)
+        log.info("Student decoder: %d layers compiled with torch.compile(%s)", len(layers), arguments)
