@@ -28,6 +28,11 @@ from tinymusician.zoo.tiny import (  # noqa: E402
     musicgen_config,
 )
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (the README's test command): two workers share the 2 cores, so each computes on one thread;
+    # two intra-op threads per worker would wait on each other's descheduled peers (see `single_thread`).
+    torch.set_num_threads(1)
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 FAST_OVERRIDES = [
