@@ -209,9 +209,10 @@ def main() -> None:
     cache_dir = tempfile.mkdtemp(prefix="tm-bench-cache-")
     os.environ["TINYMUSICIAN_CACHE"] = cache_dir
 
-    errors = sparse_errors(cache_dir, args.segments)
+    errors = sparse_errors(cache_dir, args.segments, args.student)
     print(
-        f"1. sparse top-k teacher vs dense: N={args.segments} val segments, shipped tiny pair (V=256), fp16 storage"
+        f"1. sparse top-k teacher vs dense, relative error of the loss value / of its gradient: N={args.segments} "
+        f"val segments, the shipped tiny teacher (V=256), student {args.student}, fp16 storage"
     )
     print(f"{'loss':<17}{'T':>4}{'tail':>8}" + "".join(f"{'k=' + str(k):>16}" for k in KS))
     print(f"{'':<29}" + "".join(f"{'value / grad':>16}" for _ in KS))
