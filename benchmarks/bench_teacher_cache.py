@@ -5,13 +5,15 @@
    error of the loss value and of the gradient w.r.t. the student logits (L2), on N validation segments of the
    synthetic corpus; student = the shipped untrained one (what training starts from) or ``--student DIR``.
 2. Training-step time relative to a CE-only step of the same student on the same batch: KD (the kd_only
-   experiment's loss, stage_mixed) with a live fp32 teacher, a live bf16 teacher, and from the cache (k = 32).
+   experiment's loss, stage_mixed) with a live fp32 teacher, a live bf16 teacher, the teacher's logits already in
+   memory (the floor of any teacher source: the KD term alone), and from the cache (k = 32). ``--scale wide``
+   times a random pair with V = 2048 and wider decoders instead of the tiny world.
    Methods run interleaved round-robin; "x ce" is the median over rounds of the ratio to the CE step of the same
    round. Peak memory: how far one step raises resident memory (VmHWM after a reset), in a fresh subprocess per
    method, plus the resident size of the loaded models.
 3. The cache build's throughput (positions per second: segments x codebooks x delayed steps).
 
-    python benchmarks/bench_teacher_cache.py [--repeats 15] [--threads 2] [--json out.json]
+    python benchmarks/bench_teacher_cache.py [--repeats 15] [--threads 2] [--student DIR] [--scale wide]
 """
 
 from __future__ import annotations
@@ -43,10 +45,27 @@ from tinymusician.training.checks import check_config
 from tinymusician.training.memory import peak_resident_increase, resident_bytes
 from tinymusician.training.teacher_logits import build_for_run, open_for_run
 from tinymusician.zoo.pair import load_teacher_student
+from tinymusician.zoo.tiny import DecoderSize, TinySpec, build_untrained_pair
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 KS = (8, 32, 128, 256)
-STEP_METHODS = ("ce", "kd live fp32", "kd live bf16", "kd cache k=32")
+STEP_METHODS = ("ce", "kd live fp32", "kd live bf16", "kd logits in memory", "kd cache k=32")
+# --scale wide: a random pair with MusicGen's vocabulary (2048) and wider decoders, so the student's own compute
+# weighs against the KD term the way it does at MusicGen scale (the tiny student is so small that the KD
+# divergence alone costs half its step)
+WIDE = {"codebook_size": 2048, "teacher": (512, 8, 8, 2048), "student": (256, 4, 4, 1024)}
+
+
+class LogitsInMemory:
+    """The floor of any teacher source: the teacher's dense logits of the benchmark's batch, already computed."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+    def lookup(self, split: str, indices: torch.Tensor, vocab: int) -> torch.Tensor:
+        return self.logits
+
+
 TARGET_CACHE = 1.15
 
 
@@ -112,8 +131,8 @@ def sparse_errors(cache_dir: str, n: int, student: str) -> list[dict]:
 
 
 # --- 2. step time and memory -------------------------------------------------------------------------------
-def build_module(method: str, cache_dir: str) -> tuple[DistillationModule, dict]:
-    overrides = ["data.num_train=64", "data.num_val=16", "cond_dropout=0.0"]
+def build_module(method: str, cache_dir: str, pair: list[str]) -> tuple[DistillationModule, dict]:
+    overrides = ["data.num_train=64", "data.num_val=16", "cond_dropout=0.0", *pair]
     if method == "ce":
         overrides += ["loss=ce", "model.teacher=null"]
     elif method == "kd live bf16":
@@ -127,6 +146,11 @@ def build_module(method: str, cache_dir: str) -> tuple[DistillationModule, dict]
     datamodule.attach(models.student, models.tokenizer)
     datamodule.setup("fit")
     teacher_cache = None
+    batch = batch_of(datamodule, "train", int(cfg.data.batch_size))
+    if method == "kd logits in memory":
+        with torch.no_grad():
+            teacher_cache = LogitsInMemory(teacher_forcing(models.student, batch).logits(models.teacher))
+        models.teacher = None
     if cached:
         try:
             teacher_cache, _ = open_for_run(cfg, datamodule)
@@ -143,7 +167,7 @@ def build_module(method: str, cache_dir: str) -> tuple[DistillationModule, dict]
     module.train()
     optimizer = module.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
-    return module, {"batch": batch_of(datamodule, "train", int(cfg.data.batch_size)), "optimizer": optimizer}
+    return module, {"batch": batch, "optimizer": optimizer}
 
 
 def step(module: DistillationModule, state: dict) -> None:
@@ -153,9 +177,9 @@ def step(module: DistillationModule, state: dict) -> None:
     state["optimizer"].zero_grad(set_to_none=True)
 
 
-def peak_child(method: str, cache_dir: str) -> None:
+def peak_child(method: str, cache_dir: str, pair: list[str]) -> None:
     """Subprocess entry: one warm-up step, then the peak resident increase of one step (bytes)."""
-    module, state = build_module(method, cache_dir)
+    module, state = build_module(method, cache_dir, pair)
     step(module, state)
     loaded = resident_bytes()[0]
     with peak_resident_increase() as peak:
@@ -163,8 +187,8 @@ def peak_child(method: str, cache_dir: str) -> None:
     print(json.dumps({"peak": peak.increase, "resident": loaded}))
 
 
-def step_times(cache_dir: str, repeats: int) -> dict:
-    modules = {method: build_module(method, cache_dir) for method in STEP_METHODS}
+def step_times(cache_dir: str, repeats: int, pair: list[str]) -> dict:
+    modules = {method: build_module(method, cache_dir, pair) for method in STEP_METHODS}
     for module, state in modules.values():
         step(module, state)  # warm-up
     times: dict[str, list[float]] = {m: [] for m in STEP_METHODS}
@@ -174,6 +198,20 @@ def step_times(cache_dir: str, repeats: int) -> dict:
             step(module, state)
             times[method].append(time.perf_counter() - start)
     return times
+
+
+def wide_pair(root: Path) -> list[str]:
+    """Save a random pair of WIDE's shapes (shared T5 and codec, random decoders); its model overrides."""
+    spec = TinySpec(
+        codebook_size=WIDE["codebook_size"],
+        teacher=DecoderSize(*WIDE["teacher"]),
+        student=DecoderSize(*WIDE["student"]),
+    )
+    teacher, student, tokenizer = build_untrained_pair(spec)
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return [f"model.teacher={root / 'teacher'}", f"model.student={root / 'student'}"]
 
 
 # --- 3. cache build throughput -------------------------------------------------------------------------------
@@ -198,13 +236,20 @@ def main() -> None:
         help="student of the error table (default: the shipped untrained one; a trained save_pretrained dir "
         "shows the errors later in training)",
     )
+    parser.add_argument(
+        "--scale",
+        choices=("tiny", "wide"),
+        default="tiny",
+        help="pair of the step timing: the shipped tiny world, or a random wide pair with V=2048 (see WIDE)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--pair", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.peak_child:
-        peak_child(args.peak_child, args.cache_dir)
+        peak_child(args.peak_child, args.cache_dir, args.pair)
         return
     cache_dir = tempfile.mkdtemp(prefix="tm-bench-cache-")
     os.environ["TINYMUSICIAN_CACHE"] = cache_dir
@@ -230,7 +275,8 @@ def main() -> None:
                     )
                 )
 
-    times = step_times(cache_dir, args.repeats)
+    pair = wide_pair(Path(cache_dir) / "wide") if args.scale == "wide" else []
+    times = step_times(cache_dir, args.repeats, pair)
     peaks = {}
     for method in STEP_METHODS:
         cmd = [
@@ -242,6 +288,8 @@ def main() -> None:
             cache_dir,
             "--threads",
             str(args.threads),
+            "--pair",
+            *pair,
         ]
         env = {
             **os.environ,
@@ -256,27 +304,31 @@ def main() -> None:
     mib = 2**20
     print(
         f"\n2. training step (forward + backward + AdamW), batch 16 x 2 s, {args.threads} threads, median of "
-        f"{args.repeats} interleaved rounds"
+        f"{args.repeats} interleaved rounds; pair: "
+        + ("the shipped tiny world (V=256)" if args.scale == "tiny" else f"random wide {WIDE}")
     )
-    print(f"{'method':<16}{'ms':>9}{'x ce':>7}{'step peak MiB':>15}{'resident MiB':>14}")
+    print(f"{'method':<20}{'ms':>9}{'x ce':>7}{'step peak MiB':>15}{'resident MiB':>14}")
     for method in STEP_METHODS:
         print(
-            f"{method:<16}{statistics.median(times[method]) * 1e3:>9.1f}{paired(method):>7.2f}"
+            f"{method:<20}{statistics.median(times[method]) * 1e3:>9.1f}{paired(method):>7.2f}"
             f"{peaks[method]['peak'] / mib:>15.1f}{peaks[method]['resident'] / mib:>14.1f}"
         )
     cache_ratio = paired("kd cache k=32")
     print(
-        f"cache / ce = {cache_ratio:.2f} (target <= {TARGET_CACHE}): {'PASS' if cache_ratio <= TARGET_CACHE else 'FAIL'}; "
+        f"cache / ce = {cache_ratio:.2f} (target <= {TARGET_CACHE}): "
+        f"{'PASS' if cache_ratio <= TARGET_CACHE else 'FAIL'}; cache / logits in memory = "
+        f"{cache_ratio / paired('kd logits in memory'):.2f} (what the cache itself adds); "
         f"bf16 teacher / fp32 teacher = {paired('kd live bf16') / paired('kd live fp32'):.2f} "
         f"(CPU: {machine()['cpu']})"
     )
 
-    report = build_throughput(cache_dir)
-    print(
-        f"\n3. cache build: {report['computed_positions']:,} positions (512 + 64 segments x 4 codebooks x delayed steps) "
-        f"in {report['seconds']:.1f} s = {report['positions_per_second']:,.0f} positions/s; "
-        f"{report['megabytes']:.2f} MB on disk at k=32"
-    )
+    report = build_throughput(cache_dir) if args.scale == "tiny" else None
+    if report is not None:
+        print(
+            f"\n3. cache build: {report['computed_positions']:,} positions (512 + 64 segments x 4 codebooks x delayed steps) "
+            f"in {report['seconds']:.1f} s = {report['positions_per_second']:,.0f} positions/s; "
+            f"{report['megabytes']:.2f} MB on disk at k=32"
+        )
     if args.json:
         args.json.write_text(
             json.dumps(

@@ -48,7 +48,8 @@ def test_synthetic_default_goes_through_shards_and_matches_the_codec(tmp_path, s
     torch.testing.assert_close(data.splits["train"].codes, direct.long())
     assert data.splits["train"].captions == [c.caption for c in clips]
     batch = next(iter(data.val_dataloader()))
-    assert set(batch) == {"codes", "lengths", "input_ids", "attention_mask", "captions"}
+    assert set(batch) == {"codes", "lengths", "input_ids", "attention_mask", "captions", "index"}
+    assert batch["index"].tolist() == list(range(len(batch["captions"])))  # validation in order: segment ids
     assert batch["codes"].shape == (3, direct.shape[1], direct.shape[2])
 
 

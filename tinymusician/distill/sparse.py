@@ -21,7 +21,7 @@ the tail's tempered mass assumes its tokens are equally likely (exact at T = T_c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -76,13 +76,11 @@ class SparseTeacher:
         return self.log_probs.device
 
     def to(self, device: torch.device | str) -> SparseTeacher:
-        return SparseTeacher(
-            self.indices.to(device),
-            self.log_probs.to(device),
-            self.tail_log_mass.to(device),
-            self.vocab,
-            self.temperature,
-            self.tail,
+        return replace(
+            self,
+            indices=self.indices.to(device),
+            log_probs=self.log_probs.to(device),
+            tail_log_mass=self.tail_log_mass.to(device),
         )
 
     @classmethod
@@ -170,14 +168,3 @@ class SparseTeacher:
         if per_token is None:
             return from_head
         return torch.where(hit.any(-1), from_head, per_token.squeeze(-1))
-
-    def select(self, positions: torch.Tensor) -> SparseTeacher:
-        """Rows ``positions`` of the leading dimension (a batch's items)."""
-        return SparseTeacher(
-            self.indices[positions],
-            self.log_probs[positions],
-            self.tail_log_mass[positions],
-            self.vocab,
-            self.temperature,
-            self.tail,
-        )
