@@ -57,7 +57,7 @@ def test_bucket_tail_is_the_coarsened_divergence_and_error_shrinks_with_k():
     dense = div.forward_kl(student, teacher, valid, reduction="none")
     errors = []
     for k in (4, 16, 48):
-        sparse = SparseTeacher.from_logits(teacher, k=k)
+        sparse = SparseTeacher.from_logits(teacher, k=k, tail="bucket")
         value = div.forward_kl(student, sparse, valid, reduction="none")
         # the same KL by hand on k + 1 outcomes: top-k tokens and one bucket for the rest
         log_p, log_q = teacher.log_softmax(-1), student.log_softmax(-1)
@@ -109,3 +109,18 @@ def test_bad_sparse_teachers_are_named():
     short = SparseTeacher.from_logits(teacher[:, :, :-1], k=4)
     with pytest.raises(ValueError, match="differ in shape"):
         div.forward_kl(student, short, valid)
+
+
+def test_spread_tail_shares_the_tail_mass_evenly():
+    student, teacher, valid = logits_pair(4)
+    sparse = SparseTeacher.from_logits(teacher, k=8, tail="spread")
+    rows = slice(0, 6)
+    log_q = student.reshape(-1, V)[rows].log_softmax(-1)
+    dense = sparse.dense_log_probs(rows, valid.reshape(-1)[rows], 1.0, log_q)
+    head = sparse.indices.reshape(-1, 8)[rows].long()
+    tail = dense.scatter(-1, head, float("nan"))
+    tail_values = tail[~tail.isnan()].reshape(6, V - 8)
+    assert torch.allclose(tail_values, tail_values[:, :1].expand_as(tail_values))  # every tail token alike
+    mass = tail_values.exp().sum(-1)
+    assert torch.allclose(mass, sparse.tail_log_mass.reshape(-1)[rows].exp(), rtol=1e-4)  # the stored mass
+    assert torch.allclose(dense.exp().sum(-1), torch.ones(6), atol=1e-5)

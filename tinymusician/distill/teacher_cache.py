@@ -48,7 +48,7 @@ class CacheSettings:
     dir: str
     k: int = 32
     temperature: float = 1.0
-    tail: str = "bucket"
+    tail: str = "spread"
     shard_size: int = 64
     batch_size: int = 8
 
