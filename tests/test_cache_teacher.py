@@ -75,13 +75,14 @@ def test_a_killed_build_resumes_with_only_the_missing_shards(built, tmp_path):
 
 
 def test_training_from_the_cache_loads_no_teacher_and_matches_the_live_teacher_at_k_equal_v(
-    tmp_path, cache_dir, single_thread
+    tmp_path, cache_dir, single_thread, capsys
 ):
     full = [*KD, "distill.cache.k=256"]  # the tiny world's codebook: k = V
     cache_teacher(compose_train_cfg(full, tmp_path / "build"), progress=False)
     metrics, objects = train(compose_train_cfg([*full, "distill.teacher_source=cache"], tmp_path / "cache"))
     assert objects["models"].teacher is None and objects["module"].teacher_cache is not None
     assert objects["summary"]["teacher_source"]["kind"] == "cache"
+    assert "via its logit cache (k=256, tail spread" in capsys.readouterr().out
     live, _ = train(compose_train_cfg(full, tmp_path / "live"))
     for key in ("train/kd", "val/kl_to_teacher", "val/teacher_ce", "val/ce"):
         assert metrics[key] == pytest.approx(live[key], rel=2e-3), key  # fp16 storage only

@@ -39,11 +39,15 @@ def print_summary(summary: dict[str, Any]) -> None:
             return "n/a"
         return f"{before[key]:.3f} -> {after[key]:.3f}" if key in before else f"{after[key]:.3f}"
 
+    source = summary.get("teacher_source") or {}
+    teacher = f"{summary['teacher']} ({summary['teacher_params']:,} params, frozen)"
+    if source.get("kind") == "cache":  # the teacher was never loaded: its top-k came from disk
+        teacher = f"{summary['teacher']} via its logit cache (k={source['k']}, tail {source['tail']}: {source['dir']})"
     lines = [
         f"TinyMusician run '{summary['task']}' finished: {summary['steps']} steps in {summary['train_seconds']} s",
         f"  loss                 {summary['loss']}",
         f"  student              {summary['student']} ({summary['student_trainable_params']:,} trainable params)",
-        f"  teacher              {summary['teacher']} ({summary['teacher_params']:,} params, frozen)",
+        f"  teacher              {teacher}",
         f"  val/ce               {change('val/ce')}   (teacher {after.get('val/teacher_ce', math.nan):.3f})",
         f"  val/kl_to_teacher    {change('val/kl_to_teacher')}",
         *[
