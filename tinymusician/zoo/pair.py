@@ -260,9 +260,8 @@ def prepare_student(student: MusicgenForConditionalGeneration, model_cfg: DictCo
     if model_cfg.get("student_gradient_checkpointing", False):
         # Hugging Face's own switch: each decoder layer's forward is recomputed in the backward pass by
         # torch.utils.checkpoint (non-reentrant, preserve_rng_state: dropout draws the same masks twice).
-        decoder = (
-            student.decoder
-        )  # the newer transformers name first; the older one warns as deprecated there
+        decoder = student.decoder
+        # the newer transformers name first; the older one warns as deprecated there
         enable = (
             getattr(decoder, "activation_checkpointing_enable", None) or decoder.gradient_checkpointing_enable
         )
