@@ -32,6 +32,7 @@ import torch
 
 from tinymusician.distill import divergences as div
 from tinymusician.distill.losses import build_loss
+from tinymusician.training.memory import peak_resident_increase
 
 SHAPE = (4, 4, 500, 2048)
 TARGET = 2.0
@@ -85,26 +86,15 @@ def _saved_bytes(fn, student, teacher, valid) -> int:
     return sum(seen.values())
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _peak_child(name: str) -> None:
     """Subprocess entry: print how far one forward + backward of ``name`` raises resident memory (bytes)."""
     fn = _methods()[name]
     student, teacher, valid = _inputs()
     _step(fn, student, teacher, valid)  # warm-up: lazy initialisation is not the method's cost
     student.grad = None
-    # Reset the high-water mark (VmHWM) to the current RSS; Linux-only, like ru_maxrss semantics.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kib("VmRSS")
-    _step(fn, student, teacher, valid)
-    print(json.dumps({"peak": (_status_kib("VmHWM") - before) * 1024}))
+    with peak_resident_increase() as peak:  # VmHWM reset to the current RSS first (Linux)
+        _step(fn, student, teacher, valid)
+    print(json.dumps({"peak": peak.increase}))
 
 
 def main() -> None:
