@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 from transformers import MusicgenForConditionalGeneration  # noqa: E402
 
+from tinymusician.config import CONF_DIR  # noqa: E402
 from tinymusician.data.synthetic import synthesize_corpus  # noqa: E402
 from tinymusician.zoo.tiny import (  # noqa: E402
     DecoderSize,
@@ -33,7 +34,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # two intra-op threads per worker would wait on each other's descheduled peers (see `single_thread`).
     torch.set_num_threads(1)
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 FAST_OVERRIDES = [
     "data.num_train=32",

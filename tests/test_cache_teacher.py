@@ -4,6 +4,8 @@ teacher's; a missing cache or random segment offsets fail at start-up naming the
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,24 @@ def test_random_offsets_and_bad_cache_keys_fail_at_start_up(tmp_path, cache_dir)
         train(compose_train_cfg([*KD, "distill.teacher_source=cache", "distill.cache.tail=flat"], tmp_path))
     with pytest.raises(TeacherCacheError, match="distill.teacher_source='disk'"):
         train(compose_train_cfg([*KD, "distill.teacher_source=disk"], tmp_path))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "tinymusician.distill.cache_teacher"],  # the spelling: a shim importing the CLI
+        ["-m", "tinymusician.cache_teacher"],
+        [
+            "tinymusician-train"
+        ],  # a console script imports its CLI too (config_path must not be module-relative)
+    ],
+)
+def test_the_commands_find_their_configs_from_any_directory(command, tmp_path):
+    executable = (
+        [sys.executable, *command] if command[0] == "-m" else [str(Path(sys.executable).parent / command[0])]
+    )
+    out = subprocess.run(
+        [*executable, "--cfg", "job"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "teacher_source: live" in out.stdout

@@ -13,6 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from tinymusician.config import CONF_DIR
 from tinymusician.training.checks import START_UP_ERRORS, check_config
 from tinymusician.training.teacher_logits import build_for_run, check_cacheable
 from tinymusician.zoo.pair import load_teacher_student
@@ -44,7 +45,7 @@ def cache_teacher(cfg: DictConfig, progress: bool = True) -> dict:
     return report
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
         cache_teacher(cfg, progress=sys.stderr.isatty())

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tinymusician.callbacks.interrupt import CheckpointOnInterrupt
 from tinymusician.callbacks.save_student import SaveStudent
-from tinymusician.config import to_plain
+from tinymusician.config import CONF_DIR, to_plain
 from tinymusician.distill.module import DistillationModule
 from tinymusician.machine import machine
 from tinymusician.quant.size import component_sizes
@@ -289,7 +289,7 @@ def failed(cfg: DictConfig, err: BaseException, expected: bool = False) -> None:
     log.error("Job failed (the sweep goes on): %s", summary["error"], exc_info=None if expected else err)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """One clear ``error: ...`` line for config/data errors (exit 2) and SIGTERM (exit 143), no traceback.
 

@@ -13,13 +13,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tinymusician.config import CONF_DIR
+
 __all__ = ["ANNEALS", "STAGE_NAMES", "ScheduleState", "StageScheduler", "check_schedule"]
 
 STAGE_NAMES = ("global", "transition", "refine")
 ANNEALS = ("cosine", "linear", "none")
 
 # The Hydra config the CLI mirrors; absent in an installed wheel, then the dataclass defaults apply.
-_STAGE_MIXED_YAML = Path(__file__).resolve().parents[2] / "conf" / "loss" / "stage_mixed.yaml"
+_STAGE_MIXED_YAML = CONF_DIR / "loss" / "stage_mixed.yaml"
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tinymusician.config import CONF_DIR
+
 if TYPE_CHECKING:  # torch and Hydra load on use: the generate CLI shares --base without importing torch
     import torch
     from omegaconf import DictConfig
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
