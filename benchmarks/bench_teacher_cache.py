@@ -29,9 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import open_dict
 
 from tinymusician.data.segments import CaptionCollator
 from tinymusician.distill import divergences as div
@@ -45,9 +43,9 @@ from tinymusician.training.checks import check_config
 from tinymusician.training.memory import peak_resident_increase, resident_bytes
 from tinymusician.training.teacher_logits import build_for_run, open_for_run
 from tinymusician.zoo.pair import load_teacher_student
+from tinymusician.zoo.source import compose_config
 from tinymusician.zoo.tiny import DecoderSize, TinySpec, build_untrained_pair
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 KS = (8, 32, 128, 256)
 STEP_METHODS = ("ce", "kd live fp32", "kd live bf16", "kd logits in memory", "kd cache k=32")
 # --scale wide: a random pair with MusicGen's vocabulary (2048) and wider decoders, so the student's own compute
@@ -70,12 +68,8 @@ TARGET_CACHE = 1.15
 
 
 def compose_cfg(overrides: list[str], cache_dir: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["+experiment=kd_only", "eval=none", *overrides])
-    with open_dict(cfg):
-        cfg.paths.cache_dir = cache_dir
-        cfg.distill.cache.dir = f"{cache_dir}/teacher_logits"
-    return cfg
+    # distill.cache.dir follows paths.cache_dir (conf/train.yaml)
+    return compose_config(["+experiment=kd_only", "eval=none", f"paths.cache_dir={cache_dir}", *overrides])
 
 
 def batch_of(datamodule, split: str, n: int) -> dict:

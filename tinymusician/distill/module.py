@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import MusicgenForConditionalGeneration
 
-from tinymusician.distill.divergences import forward_kl
+from tinymusician.distill.divergences import forward_kl, reduce_positions
 from tinymusician.distill.losses import DistillationLoss
 from tinymusician.distill.sparse import SparseTeacher
 from tinymusician.distill.teacher_cache import TeacherLogitCache
@@ -59,7 +59,7 @@ def teacher_ce(
     if not isinstance(teacher, SparseTeacher):
         return per_codebook_ce(teacher, labels, valid).mean()
     nll = -teacher.label_log_probs(labels.masked_fill(~valid, 0)) * valid
-    return (nll.sum(dim=(0, 2)) / valid.sum(dim=(0, 2)).clamp_min(1)).mean()
+    return reduce_positions(nll, valid, "codebook").mean()
 
 
 class DistillationModule(L.LightningModule):
