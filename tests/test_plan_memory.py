@@ -37,6 +37,20 @@ def test_json_rows_add_up_and_k_sets_the_cache(capsys):
     assert plan["activation_peak"]["phase"] in plan["activation_phases"]
 
 
+def test_a_joblib_hydra_app_run_earlier_in_the_process_does_not_block_the_plan(tmp_path, capsys):
+    """plan_memory only composes: the launcher of a Hydra app that ran before in this process is not its own."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from tests.conftest import compose_train_cfg
+
+    compose_train_cfg(
+        ["hydra/launcher=joblib"], tmp_path
+    )  # leaves a joblib HydraConfig behind, as a sweep does
+    assert "joblib" in HydraConfig.get().launcher._target_
+    assert main(["model=musicgen", "trainer=ddp", "trainer.accelerator=gpu"]) == 0
+    assert "ddp" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("args", "key"),
     [

@@ -17,7 +17,7 @@ from tinymusician.distill.module import PER_CODEBOOK_VALIDATION_METRIC, validati
 from tinymusician.distill.teacher_cache import TeacherCacheError
 from tinymusician.models.musicgen import ModelSourceError
 from tinymusician.quant import check_quant_config
-from tinymusician.training.distributed import check_distributed
+from tinymusician.training.distributed import check_distributed, hydra_launcher
 from tinymusician.zoo.pair import check_model_config
 from tinymusician.zoo.source import read_training_checkpoint
 
@@ -141,7 +141,7 @@ def check_config(cfg: DictConfig) -> tuple[DistillationLoss, CodesDataModule, li
     except ValueError as err:
         raise ConfigError(str(err)) from err
     check_precision(cfg.trainer)
-    problem = check_distributed(cfg)  # trainer=ddp / fsdp, model.teacher_sharding
+    problem = check_distributed(cfg, hydra_launcher())  # trainer=ddp / fsdp, model.teacher_sharding
     if problem is not None:
         raise ConfigError(problem)
     if cfg.get("ckpt_path") is not None:

@@ -52,10 +52,17 @@ def strategy_name(trainer_cfg: DictConfig | Any) -> str:
     return str((strategy or {}).get("_target_", "auto")).rsplit(".", 1)[-1]
 
 
-def check_distributed(cfg: DictConfig) -> str | None:
+def hydra_launcher() -> str:
+    """The ``_target_`` of the Hydra launcher running this job ("" outside a Hydra app)."""
+    return str(HydraConfig.get().launcher.get("_target_", "")) if HydraConfig.initialized() else ""
+
+
+def check_distributed(cfg: DictConfig, launcher: str = "") -> str | None:
     """What stops this config's multi-process training before any weights load (None: nothing).
 
-    ``model.teacher_sharding``: only ``replicate`` (every rank holds the frozen teacher, outside the module
+    ``launcher`` is the Hydra launcher that runs the job (``hydra_launcher()`` in train); it is an argument,
+    not read here, so a tool that only composes the config (plan_memory) is not judged by whatever Hydra app
+    ran last in the process. ``model.teacher_sharding``: only ``replicate`` (every rank holds the frozen teacher, outside the module
     tree); ``shard`` needs FSDP, which Lightning runs on GPUs only, and is not offered untested.
     """
     sharding = (cfg.get("model") or {}).get("teacher_sharding", "replicate")
@@ -73,7 +80,6 @@ def check_distributed(cfg: DictConfig) -> str | None:
             f"trainer=fsdp with trainer.accelerator={accelerator}: Lightning's FSDPStrategy runs on GPUs only "
             "(set trainer.accelerator=gpu); on CPU use trainer=ddp trainer.accelerator=cpu"
         )
-    launcher = str(HydraConfig.get().launcher.get("_target_", "")) if HydraConfig.initialized() else ""
     if name in MULTI_PROCESS_STRATEGIES and "joblib" in launcher.lower():
         return (
             f"trainer.strategy={name} with hydra/launcher=joblib: Lightning starts the other ranks by re-running "
