@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from tests.conftest import compose_train_cfg
 from tinymusician.cache_teacher import cache_teacher
 from tinymusician.distill.teacher_cache import TeacherCacheError
+from tinymusician.models.musicgen import guidance_distilled_scale, load_musicgen
 from tinymusician.train import train
 
 KD = [
@@ -76,10 +77,13 @@ def test_a_killed_build_resumes_with_only_the_missing_shards(built, tmp_path):
     assert cache_teacher(cfg, progress=False)["reused"]
 
 
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
 def test_training_from_the_cache_loads_no_teacher_and_matches_the_live_teacher_at_k_equal_v(
-    tmp_path, cache_dir, single_thread, capsys
+    guidance_scale, tmp_path, cache_dir, single_thread, capsys
 ):
-    full = [*KD, "distill.cache.k=256"]  # the tiny world's codebook: k = V
+    # k = V (the tiny world's codebook). guidance 3 runs second in one cache dir: a guided run reading the
+    # unguided cache (a key without the guidance) would differ from the live guided teacher below.
+    full = [*KD, "distill.cache.k=256", f"loss.guidance_scale={guidance_scale}"]
     cache_teacher(compose_train_cfg(full, tmp_path / "build"), progress=False)
     metrics, objects = train(compose_train_cfg([*full, "distill.teacher_source=cache"], tmp_path / "cache"))
     assert objects["models"].teacher is None and objects["module"].teacher_cache is not None
@@ -88,6 +92,8 @@ def test_training_from_the_cache_loads_no_teacher_and_matches_the_live_teacher_a
     live, _ = train(compose_train_cfg(full, tmp_path / "live"))
     for key in ("train/kd", "val/kl_to_teacher", "val/teacher_ce", "val/ce"):
         assert metrics[key] == pytest.approx(live[key], rel=2e-3), key  # fp16 storage only
+    saved = load_musicgen(str(tmp_path / "cache" / "student"))
+    assert guidance_distilled_scale(saved) == (guidance_scale if guidance_scale > 1 else None)
 
 
 def test_training_from_a_missing_cache_names_the_command(tmp_path, cache_dir):

@@ -71,7 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", default=None, help="inline prompt, repeatable")
     parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--seconds", type=float, default=10.0, help="generated clip length")
-    parser.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale")
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance (1: off, one pass per step); default: the model's, 1 for a "
+        "guidance-distilled student, else 3",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=4, help="generation and embedding batch size")
     parser.add_argument("--device", default="cpu")

@@ -135,7 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=Path("generated.wav"))
-    parser.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance (1: off)")
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance (1: off, one pass per step); default: the model's, 1 for a "
+        "guidance-distilled student, else 3",
+    )
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=250)
     parser.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")

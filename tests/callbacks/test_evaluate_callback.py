@@ -74,7 +74,8 @@ def test_callback_writes_wavs_and_a_report_with_finite_fad(evaluated_run):
         assert "student codec" in fad["embedder"]["source"] and math.isfinite(fad["fad_inf"]["fad_inf"])
         assert result["reference"]["kind"] == "val" and result["reference"]["n_clips"] == 8
         assert result["clap"]["n_pairs"] == 4 and -1 <= result["clap"]["score"] <= 1
-    assert report["quantized_by"] == "FakeQuantize" and report["generation"]["guidance_scale"] == 3.0
+        assert result["generation"]["guidance_scale"] == 3.0  # the model's default: an ordinary student, CFG
+    assert report["quantized_by"] == "FakeQuantize" and report["generation"]["guidance_scale"] is None
     assert [r["tag"] for r in callback.reports] == ["epoch000", "final"]
     assert (out / "eval" / "epoch000" / "report.json").is_file() and "quantized" not in callback.reports[0]
     # the embedding models were freed after the evaluation

@@ -57,7 +57,8 @@ class EvaluateCallback(L.Callback):
     Args:
         prompts / prompts_file: inline prompts or a file with one prompt per line; ``num_prompts`` keeps the
             first N. ``prompts: heldout`` = the captions of the held-out clips (``reference: heldout``'s).
-        seconds, guidance_scale, seed, batch_size: generation (each clip ``round(seconds * frame_rate)`` codec frames).
+        seconds, guidance_scale, seed, batch_size: generation (each clip ``round(seconds * frame_rate)`` codec frames;
+            ``guidance_scale=None``: each model's default, one pass for a guidance-distilled student, else 3).
         embedders: FAD embedders: names or ``{name: ..., **kwargs}``; ``{name: encodec, source: student}``
             uses the student's own codec (offline).
         reference: ``heldout`` (the synthetic corpus's held-out clips, never trained on by the world or a default
@@ -78,7 +79,7 @@ class EvaluateCallback(L.Callback):
         prompts_file: str | None = None,
         num_prompts: int | None = None,
         seconds: float = 2.0,
-        guidance_scale: float = 3.0,
+        guidance_scale: float | None = None,
         seed: int = 0,
         batch_size: int = 8,
         embedders: Sequence[str | Mapping[str, Any]] = ({"name": "encodec", "source": STUDENT_CODEC},),
@@ -104,7 +105,7 @@ class EvaluateCallback(L.Callback):
             self.prompts_source = prompts_file if not prompts else "inline"
         if seconds <= 0 or not math.isfinite(seconds):
             raise EvaluationError(f"eval.seconds={seconds}: must be positive")
-        if guidance_scale < 1.0:
+        if guidance_scale is not None and not guidance_scale >= 1.0:
             raise EvaluationError(f"eval.guidance_scale={guidance_scale}: must be >= 1 (1 = no guidance)")
         if batch_size < 1:
             raise EvaluationError(f"eval.batch_size={batch_size}: must be >= 1")
@@ -215,6 +216,7 @@ class EvaluateCallback(L.Callback):
                 result = evaluation.score(generated, batch_size=self.batch_size)
                 result["wavs"] = [str(Path(name) / row["file_name"]) for row in rows]
                 result["generation"] = {
+                    "guidance_scale": generated.guidance_scale,
                     "wall_seconds": round(generated.wall_seconds, 3),
                     "rtf": generated.rtf,
                     "definition": "wall seconds of generation per second of audio (batch_size clips at once)",

@@ -59,6 +59,9 @@ class DistillationLoss(torch.nn.Module):
     """Base class: the KD term between student and teacher logits ``[B, K, T, V]`` at training progress s."""
 
     requires_teacher: ClassVar[bool] = True
+    # > 1: the targets are the teacher's classifier-free-guided distribution at this scale (the module mixes the
+    # teacher's conditional and unconditional logits), so the student learns to sample it in one pass.
+    guidance_scale: float = 1.0
 
     def __init__(self, lambda_ce: float = 1.0, lambda_kd: float = 1.0) -> None:
         super().__init__()
@@ -287,8 +290,21 @@ LOSSES: dict[str, type[DistillationLoss]] = {
 }
 
 
-def build_loss(name: str, **params: Any) -> DistillationLoss:
-    """Build a loss by exact name; fail loudly (naming ``loss.<key>``) on unknown names or parameters."""
+def check_guidance_scale(value: Any) -> float:
+    """``loss.guidance_scale``: 1 distils the conditional teacher, s > 1 its guided distribution."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 1:
+        raise ValueError(
+            f"loss.guidance_scale must be a finite number >= 1 (1: the conditional teacher; 3: MusicGen's "
+            f"classifier-free guidance), got {value!r}"
+        )
+    return float(value)
+
+
+def build_loss(name: str, guidance_scale: float = 1.0, **params: Any) -> DistillationLoss:
+    """Build a loss by exact name; fail loudly (naming ``loss.<key>``) on unknown names or parameters.
+
+    ``guidance_scale`` is every KD loss's: which teacher distribution the divergence is taken against.
+    """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
     cls = LOSSES[name]
@@ -297,6 +313,14 @@ def build_loss(name: str, **params: Any) -> DistillationLoss:
     if unknown:
         raise ValueError(
             f"unknown parameter(s) {', '.join(f'loss.{k}' for k in unknown)} for loss {name!r}; "
-            f"accepted: {', '.join(f'loss.{k}' for k in accepted)}"
+            f"accepted: {', '.join(f'loss.{k}' for k in [*accepted, 'guidance_scale'])}"
         )
-    return cls(**{k: to_plain(v) for k, v in params.items()})
+    scale = check_guidance_scale(to_plain(guidance_scale))
+    if scale != 1.0 and not cls.requires_teacher:
+        raise ValueError(
+            f"loss.guidance_scale={guidance_scale} with loss={name!r}: guidance distillation needs a teacher; "
+            "pick a KD loss (e.g. loss=fkl) or drop loss.guidance_scale"
+        )
+    loss = cls(**{k: to_plain(v) for k, v in params.items()})
+    loss.guidance_scale = scale
+    return loss

@@ -14,7 +14,7 @@ from tinymusician.distill.divergences import forward_kl, reduce_positions
 from tinymusician.distill.losses import DistillationLoss
 from tinymusician.distill.sparse import SparseTeacher
 from tinymusician.distill.teacher_cache import TeacherLogitCache
-from tinymusician.models.musicgen import freeze, teacher_forcing
+from tinymusician.models.musicgen import freeze, set_guidance_distilled, teacher_forcing
 
 # What validation_step logs: train.check_config validates `optimized_metric` and checkpoint monitors against
 # these before any model loads (tests/distill/test_module.py checks the logged keys are exactly these).
@@ -85,6 +85,9 @@ class DistillationModule(L.LightningModule):
         if loss.requires_teacher and teacher is None and teacher_cache is None:
             raise ValueError(f"loss {type(loss).__name__} distils from a teacher, but model.teacher is null")
         self.student = student
+        if loss.requires_teacher:
+            # what the student learns to sample: the guided teacher (then one pass per step is its default) or not
+            set_guidance_distilled(student, loss.guidance_scale if loss.guidance_scale > 1 else None)
         freeze(student.text_encoder)
         freeze(student.audio_encoder)
         object.__setattr__(self, "teacher", freeze(teacher) if teacher is not None else None)
@@ -169,8 +172,8 @@ class DistillationModule(L.LightningModule):
     ) -> dict[str, Any]:
         """Delay the codes, encode the text once, run student (and teacher): logits ``[B, K, T, V]``.
 
-        ``out["teacher"]`` is the live teacher's logits or the cache's :class:`SparseTeacher` (rows of ``split``);
-        ``out["kd_valid"]`` marks the positions the KD term uses.
+        ``out["teacher"]`` is the live teacher's logits (guided when ``loss.guidance_scale > 1``) or the cache's
+        :class:`SparseTeacher` (rows of ``split``); ``out["kd_valid"]`` marks the positions the KD term uses.
         """
         forcing = teacher_forcing(self.student, batch)
         keep = None
@@ -184,7 +187,9 @@ class DistillationModule(L.LightningModule):
         out["student"] = forcing.logits(self.student)
         if with_teacher and self.teacher is not None:
             with torch.no_grad():
-                out["teacher"] = forcing.logits(self.teacher)
+                # loss.guidance_scale > 1: the guided teacher; a dropped caption's row gets its unconditional
+                # distribution (cond = uncond there), so the student's null condition still matches the teacher's
+                out["teacher"] = forcing.logits(self.teacher, self.loss_fn.guidance_scale)
         elif with_teacher and self.teacher_cache is not None:
             vocab = out["student"].shape[-1]
             out["teacher"] = self.teacher_cache.lookup(split, batch["index"], vocab).to(out["student"].device)
@@ -221,7 +226,8 @@ class DistillationModule(L.LightningModule):
         logs = {"val/ce": ce_q.mean()}
         logs.update({f"val/ce_q{k}": v for k, v in enumerate(ce_q)})
         if "teacher" in out:
-            # KL(teacher || student) at T=1: how close the student is to the teacher, whatever the loss.
+            # KL(teacher || student) at T=1: how close the student is to the teacher, whatever the loss (to the
+            # guided teacher, the student's target, when loss.guidance_scale > 1).
             logs["val/kl_to_teacher"] = forward_kl(out["student"], out["teacher"], out["valid"])
             logs["val/teacher_ce"] = teacher_ce(out["teacher"], out["labels"], out["valid"])
         # sync_dist: under DDP each rank validates its share; the epoch's value is the mean over ranks

@@ -117,13 +117,18 @@ def data_identity(datamodule: Any, datasets: Mapping[str, SegmentDataset]) -> di
 class TeacherLogitCache:
     """One cache directory: its shards, its report, and lookups of a batch's rows."""
 
-    def __init__(self, settings: CacheSettings, key_parts: Mapping[str, Any]) -> None:
+    def __init__(
+        self, settings: CacheSettings, key_parts: Mapping[str, Any], guidance_scale: float = 1.0
+    ) -> None:
         self.settings = settings
+        # > 1: the cache holds the teacher's guided distribution (loss.guidance_scale), a different target
+        self.guidance_scale = float(guidance_scale)
         self.key_parts = {
             "cache_version": CACHE_VERSION,
             **key_parts,
             "k": settings.k,
             "temperature": settings.temperature,
+            **({"guidance_scale": self.guidance_scale} if self.guidance_scale != 1.0 else {}),
         }
         self.key = cache_key(self.key_parts)
         self.root = Path(settings.dir).expanduser() / self.key
@@ -165,7 +170,8 @@ class TeacherLogitCache:
         if report is None:
             raise TeacherCacheError(
                 f"distill.teacher_source=cache: no complete teacher-logit cache at {self.root} for this teacher, "
-                f"data and distill.cache (k={self.settings.k}, temperature={self.settings.temperature}); build it "
+                f"data and distill.cache (k={self.settings.k}, temperature={self.settings.temperature}, loss.guidance_scale="
+                f"{self.guidance_scale:g}); build it "
                 "with `python -m tinymusician.cache_teacher <the same overrides as train>`"
             )
         for split, windows in splits.items():
@@ -279,7 +285,7 @@ class TeacherLogitCache:
             items, batch_size=self.settings.batch_size, shuffle=False, collate_fn=collator
         ):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            logits = teacher_forcing(teacher, batch).logits(teacher)
+            logits = teacher_forcing(teacher, batch).logits(teacher, self.guidance_scale)
             positions += int(logits.shape[:-1].numel())
             sparse = SparseTeacher.from_logits(logits, self.settings.k, self.settings.temperature)
             parts.append(sparse.compact().to("cpu"))

@@ -91,6 +91,7 @@ class GeneratedSet:
     sample_rate: int
     prompts: list[str]
     wall_seconds: float = math.nan
+    guidance_scale: float = math.nan  # what generation used (the model's default when not asked)
 
     @property
     def clip_seconds(self) -> float:
@@ -109,14 +110,15 @@ def generate_audio(
     prompts: Sequence[str],
     *,
     seconds: float,
-    guidance_scale: float = 3.0,
+    guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 8,
     max_text_tokens: int = 64,
     progress: bool = True,
     desc: str = "Generating",
 ) -> GeneratedSet:
-    """Sample audio for each prompt with MusicGen's ``generate`` (sampling + classifier-free guidance).
+    """Sample audio for each prompt with MusicGen's ``generate`` (sampling + classifier-free guidance; None:
+    the model's default scale, one pass for a guidance-distilled student).
 
     Each clip is ``round(seconds * frame_rate)`` codec frames long (:func:`tinymusician.models.generation.torch_generate`,
     which raises :class:`~tinymusician.models.generation.GenerationError` for a clip too short or too long);
@@ -124,12 +126,14 @@ def generate_audio(
     mode for the call and restored afterwards.
     """
     from tinymusician.models.generation import torch_generate
+    from tinymusician.models.musicgen import resolve_guidance_scale
 
     if not (seconds > 0 and math.isfinite(seconds)):
         raise EvaluationError(f"seconds={seconds}: clip length must be positive")
     frame_rate = float(model.config.audio_encoder.frame_rate)
     sample_rate = int(model.config.audio_encoder.sampling_rate)
     frames = round(seconds * frame_rate)
+    guidance_scale = resolve_guidance_scale(model, guidance_scale)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -151,7 +155,8 @@ def generate_audio(
                 clips.extend(torch.from_numpy(clip) for clip in audio)
     finally:
         model.train(was_training)
-    return GeneratedSet(clips, sample_rate, list(prompts), wall_seconds=time.perf_counter() - start_time)
+    wall = time.perf_counter() - start_time
+    return GeneratedSet(clips, sample_rate, list(prompts), wall_seconds=wall, guidance_scale=guidance_scale)
 
 
 def write_clips(directory: Path, generated: GeneratedSet, first_index: int = 0) -> list[dict[str, str]]:
@@ -473,7 +478,7 @@ def run_evaluation(
     prompts_file: str | Path | None = None,
     num_prompts: int | None = None,
     seconds: float = 10.0,
-    guidance_scale: float = 3.0,
+    guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 4,
     fad_inf: bool = False,
@@ -527,7 +532,7 @@ def run_evaluation(
             subject: dict[str, Any] = {
                 "model": model_name,
                 "prompts": prompts_file or ("inline" if prompts else DEFAULT_PROMPTS),
-                "generation": {"seconds": seconds, "guidance_scale": guidance_scale, "seed": seed},
+                "generation": {"seconds": seconds, "guidance_scale": generated.guidance_scale, "seed": seed},
             }
         else:
             generated, files = read_audio_folder(

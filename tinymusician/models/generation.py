@@ -42,7 +42,7 @@ def torch_generate(
     prompts: Sequence[str],
     frames: int,
     *,
-    guidance_scale: float = 3.0,
+    guidance_scale: float | None = None,
     do_sample: bool = True,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -54,8 +54,11 @@ def torch_generate(
 
     The codes are taken where ``generate`` hands them to the codec decoder, so they are transformers' own.
     ``top_k=None``: the model's ``generation_config.top_k`` (250 for MusicGen's checkpoints).
+    ``guidance_scale=None``: the model's default (1, one pass per step, for a guidance-distilled student; else 3).
     """
     import torch
+
+    from tinymusician.models.musicgen import resolve_guidance_scale
 
     if top_k is None:
         top_k = getattr(model.generation_config, "top_k", None) or 250
@@ -63,6 +66,10 @@ def torch_generate(
     if any(not p.strip() for p in prompts) or not prompts:
         raise GenerationError("empty prompt: describe the music to generate")
     check_frames(model, frames)
+    try:
+        guidance_scale = resolve_guidance_scale(model, guidance_scale)
+    except ValueError as err:
+        raise GenerationError(str(err)) from err
     num_codebooks = model.decoder.config.num_codebooks
     text = tokenizer(
         list(prompts), padding=True, truncation=True, max_length=max_text_tokens, return_tensors="pt"

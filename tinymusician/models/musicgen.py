@@ -274,6 +274,68 @@ def decoder_logits(
     return out.logits.reshape(batch, num_codebooks, length, -1)
 
 
+# Classifier-free guidance, as transformers' MusicGen does it: the unconditional pass sees zero text states
+# under an all-zero mask, and the next-token logits are mixed in logit space before temperature and top-k.
+DEFAULT_GUIDANCE_SCALE = 3.0  # MusicGen's released generation_config
+# config.json attribute of a student distilled on the guided teacher (loss.guidance_scale > 1): the scale it
+# learnt; one pass per step (no unconditional batch) is then its default.
+GUIDANCE_DISTILLED = "guidance_distilled_scale"
+
+
+def guided(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """``uncond + s * (cond - uncond)`` in fp32 (transformers' ClassifierFreeGuidanceLogitsProcessor)."""
+    cond, uncond = cond.float(), uncond.float()
+    return uncond + (cond - uncond) * guidance_scale
+
+
+def with_unconditional(
+    text_hidden: torch.Tensor, text_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch doubled for guidance: conditional rows first, then the null condition (zero states, zero mask)."""
+    return (
+        torch.cat([text_hidden, torch.zeros_like(text_hidden)]),
+        torch.cat([text_mask, torch.zeros_like(text_mask)]),
+    )
+
+
+def guidance_distilled_scale(model_or_config: Any) -> float | None:
+    """The guidance scale a student was distilled on (None: an ordinary model that needs CFG)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    value = getattr(config, GUIDANCE_DISTILLED, None)
+    return float(value) if value is not None else None
+
+
+def default_guidance_scale(model: Any) -> float:
+    """The scale generation uses unless told: 1 (one pass) for a guidance-distilled student, else the model's
+    ``generation_config.guidance_scale`` (3 for MusicGen's checkpoints)."""
+    if guidance_distilled_scale(model) is not None:
+        return 1.0
+    scale = getattr(getattr(model, "generation_config", None), "guidance_scale", None)
+    return float(scale) if scale is not None else DEFAULT_GUIDANCE_SCALE
+
+
+def resolve_guidance_scale(model: Any, guidance_scale: float | None) -> float:
+    """``guidance_scale``, or the model's default when None; below 1 is an error (1 = one pass, no guidance)."""
+    scale = default_guidance_scale(model) if guidance_scale is None else float(guidance_scale)
+    if not scale >= 1.0:
+        raise ValueError(
+            f"guidance_scale={guidance_scale}: must be >= 1 (1 = no guidance, one pass per step)"
+        )
+    return scale
+
+
+def set_guidance_distilled(model: MusicgenForConditionalGeneration, guidance_scale: float | None) -> None:
+    """Record on ``model`` (config.json and generation_config.json once saved) that it learnt the guided
+    distribution at ``guidance_scale``: its default generation is then one conditional pass per step (also
+    transformers' own ``generate``). None: an ordinary student again (a marked one distilled without guidance)."""
+    if guidance_scale is not None:
+        setattr(model.config, GUIDANCE_DISTILLED, float(guidance_scale))
+        model.generation_config.guidance_scale = 1.0
+    elif guidance_distilled_scale(model) is not None:
+        delattr(model.config, GUIDANCE_DISTILLED)
+        model.generation_config.guidance_scale = DEFAULT_GUIDANCE_SCALE
+
+
 @dataclass
 class TeacherForcing:
     """One batch ready for teacher forcing: the delayed codes and the raw T5 states, computed once and shared by
@@ -283,9 +345,18 @@ class TeacherForcing:
     text_hidden: torch.Tensor  # [B, S, D_text], padding zeroed
     text_mask: torch.Tensor  # [B, S]
 
-    def logits(self, model: MusicgenForConditionalGeneration) -> torch.Tensor:
-        """``model``'s teacher-forced logits ``[B, K, T + K - 1, V]`` on this batch."""
-        return decoder_logits(model, self.text_hidden, self.text_mask, self.delayed.inputs)
+    def logits(self, model: MusicgenForConditionalGeneration, guidance_scale: float = 1.0) -> torch.Tensor:
+        """``model``'s teacher-forced logits ``[B, K, T + K - 1, V]`` on this batch.
+
+        ``guidance_scale > 1``: the guided logits (fp32), from the conditional and the unconditional pass run
+        as one doubled batch, exactly what MusicGen's ``generate`` samples from at each step.
+        """
+        if guidance_scale == 1.0:
+            return decoder_logits(model, self.text_hidden, self.text_mask, self.delayed.inputs)
+        hidden, mask = with_unconditional(self.text_hidden, self.text_mask)
+        inputs = torch.cat([self.delayed.inputs, self.delayed.inputs])
+        cond, uncond = decoder_logits(model, hidden, mask, inputs).chunk(2)
+        return guided(cond, uncond, guidance_scale)
 
 
 def teacher_forcing(

@@ -82,7 +82,7 @@ def torch_forced_logits(
     """PyTorch's fp32 logits ``[S, R, V]`` for the same inputs as :func:`forced_logits` (one full forward)."""
     import torch
 
-    from tinymusician.models.musicgen import decoder_logits, encode_text
+    from tinymusician.models.musicgen import decoder_logits, encode_text, with_unconditional
 
     config = model.decoder.config
     text = tokenizer(list(prompts), padding=True, return_tensors="pt")
@@ -92,10 +92,7 @@ def torch_forced_logits(
         hidden = encode_text(model, text["input_ids"], text["attention_mask"])
         mask = text["attention_mask"]
         if guidance_scale is not None and guidance_scale > 1:
-            hidden, mask = (
-                torch.cat([hidden, torch.zeros_like(hidden)]),
-                torch.cat([mask, torch.zeros_like(mask)]),
-            )
+            hidden, mask = with_unconditional(hidden, mask)
             inputs = torch.cat([inputs, inputs])
         logits = decoder_logits(model, hidden, mask, inputs).float()  # [B', K, S, V]
     batch, num_codebooks, steps, vocab = logits.shape

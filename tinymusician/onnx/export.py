@@ -40,7 +40,12 @@ import onnx
 import torch
 from transformers import MusicgenForConditionalGeneration, PreTrainedTokenizerBase
 
-from tinymusician.models.musicgen import max_frames, min_frames
+from tinymusician.models.musicgen import (
+    default_guidance_scale,
+    guidance_distilled_scale,
+    max_frames,
+    min_frames,
+)
 from tinymusician.onnx.graphs import decoder_spec, encodec_decode_spec, export_graph, text_encoder_spec
 from tinymusician.onnx.layout import FORMAT, FORMAT_VERSION, GRAPHS, PRECISIONS, graph_file
 from tinymusician.onnx.merge import merge_decoders
@@ -232,6 +237,11 @@ def export_bundle(
         "graphs": list(GRAPHS),
         "files": files,
         "model": model_facts(model),
+        # a guidance-distilled student generates in one pass by default (the runtime reads default_scale)
+        "guidance": {
+            "distilled_scale": guidance_distilled_scale(model),
+            "default_scale": default_guidance_scale(model),
+        },
         "max_text_tokens": max_text_tokens,
         "versions": versions(),
         "export_seconds": round(time.perf_counter() - started, 1),

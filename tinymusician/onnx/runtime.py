@@ -335,6 +335,9 @@ class TinyMusicianONNX:
         self.bundle = Path(bundle).expanduser()
         self.manifest = read_manifest(self.bundle)
         self.facts = self.manifest["model"]
+        # what generate uses when not told: 1 (one pass) for a guidance-distilled student; bundles exported
+        # before the manifest said so are ordinary models, guided at MusicGen's 3
+        self.default_guidance_scale = float((self.manifest.get("guidance") or {}).get("default_scale", 3.0))
         exported = self.manifest["precisions"]
         self.precisions = resolve_precisions(precision or ("fp32" if "fp32" in exported else exported[0]))
         files = {g: graph_file(g, p) for g, p in self.precisions.items()}
@@ -506,14 +509,19 @@ class TinyMusicianONNX:
         text_mask: np.ndarray,
         frames: int,
         *,
-        guidance_scale: float = 3.0,
+        guidance_scale: float | None = None,
         do_sample: bool = True,
         temperature: float = 1.0,
         top_k: int = 250,
         seed: int | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
-        """Autoregressive decoding with the KV cache -> aligned codes ``[B, K, frames]``."""
+        """Autoregressive decoding with the KV cache -> aligned codes ``[B, K, frames]``.
+
+        ``guidance_scale=None``: the bundle's default (:attr:`default_guidance_scale`); <= 1 runs one pass.
+        """
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
         facts = self.facts
         num_codebooks, pad = facts["num_codebooks"], facts["pad_token_id"]
         batch = text_states.shape[0]
@@ -558,7 +566,7 @@ class TinyMusicianONNX:
         prompts: str | Sequence[str],
         seconds: float = 10.0,
         *,
-        guidance_scale: float = 3.0,
+        guidance_scale: float | None = None,
         do_sample: bool = True,
         temperature: float = 1.0,
         top_k: int = 250,

@@ -22,7 +22,13 @@ from tinymusician.config import to_plain
 from tinymusician.distill.divergences import chunk_elements
 from tinymusician.models.musicgen import DTYPES, codec_hop, musicgen_small_config
 from tinymusician.training.distributed import check_distributed
-from tinymusician.zoo.pair import quiet_transformers, source_config
+from tinymusician.zoo.pair import (
+    configured_source,
+    quiet_transformers,
+    role_config,
+    source_config,
+    source_label,
+)
 
 GIB = 1024**3
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
@@ -93,14 +99,18 @@ def cached_hub_config(name: str) -> Path | None:
 
 def model_config(model_cfg: DictConfig, role: str) -> tuple[MusicgenConfig, str]:
     """(``model.<role>``'s MusicgenConfig, where it came from): config.json (a local dir, ``tiny``, the hub
-    cache) or, for a released MusicGen not reachable here, :data:`MUSICGEN_DECODERS`."""
-    source = str(model_cfg.get(role))
+    cache) or, for a released MusicGen not reachable here, :data:`MUSICGEN_DECODERS`. The student's as it trains:
+    ``model.student_init`` applied (``model.student=teacher``: built from the teacher's)."""
+    source, _ = configured_source(model_cfg, role)
     if source in MUSICGEN_DECODERS:
         cached = cached_hub_config(source)
         if cached is None:
-            return known_musicgen_config(source), "REFERENCES.md architecture (config.json not reachable)"
-        with quiet_transformers():
-            return AutoConfig.from_pretrained(str(cached.parent)), f"{cached}"
+            config = known_musicgen_config(source)
+            origin = "REFERENCES.md architecture (config.json not reachable)"
+        else:
+            with quiet_transformers():
+                config, origin = AutoConfig.from_pretrained(str(cached.parent)), f"{cached}"
+        return role_config(config, model_cfg, role, source), origin
     return source_config(model_cfg, role), "config.json"
 
 
@@ -164,7 +174,7 @@ def parameter_counts(config_json: str) -> tuple[int, int, int]:
 
 def model_shape(model_cfg: DictConfig, role: str) -> ModelShape:
     config, origin = model_config(model_cfg, role)
-    return ModelShape.of(config, str(model_cfg.get(role)), origin)
+    return ModelShape.of(config, source_label(model_cfg, role), origin)
 
 
 # --- the config's training setup ---------------------------------------------------------------------------

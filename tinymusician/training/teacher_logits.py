@@ -64,7 +64,8 @@ def cache_for_run(cfg: DictConfig, datamodule: CodesDataModule) -> TeacherLogitC
         "teacher": teacher_identity(teacher, str(cfg.model.get("teacher_dtype", "float32"))),
         "data": data_identity(datamodule, run_datasets(datamodule)),
     }
-    return TeacherLogitCache(cache_settings(cfg), key)
+    guidance_scale = float((cfg.get("loss") or {}).get("guidance_scale", 1.0))  # the targets the run distils
+    return TeacherLogitCache(cache_settings(cfg), key, guidance_scale)
 
 
 def open_for_run(cfg: DictConfig, datamodule: CodesDataModule) -> tuple[TeacherLogitCache, dict[str, Any]]:

@@ -1,6 +1,8 @@
 """Load the teacher/student pair a config names (tiny, hub id or local dir) through one code path.
 
-Also the student's training options that change how its decoder runs, not what it computes: gradient
+The student may be built from its source by keeping some decoder layers (``model.student_init``, in
+:mod:`tinymusician.zoo.student_init`); ``model.student=teacher`` names the teacher's source for it. Also the
+student's training options that change how its decoder runs, not what it computes: gradient
 checkpointing and ``torch.compile`` (``model.student_gradient_checkpointing``, ``model.compile_student``).
 """
 
@@ -28,6 +30,12 @@ from tinymusician.models.musicgen import (
     looks_like_path,
 )
 from tinymusician.shipped import resolve_tiny
+from tinymusician.zoo.student_init import (
+    build_student,
+    describe_layers,
+    parse_student_init,
+    student_init_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +69,10 @@ PAIR_FIELDS: dict[str, tuple[str, ...]] = {
 # ``model.compile_student``: torch.compile's modes, or a mapping of these torch.compile arguments.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_ARGUMENTS = ("mode", "backend", "fullgraph", "dynamic", "options")
+# ``model.student=teacher``: the student is built from the teacher's source (``tiny`` then means the shipped
+# teacher, which ``model.student: ${model.teacher}`` could not say: ``tiny`` in the student role is the
+# shipped student). A local directory called ``teacher`` is written ``./teacher``.
+FROM_TEACHER = "teacher"
 
 
 class IncompatiblePairError(ValueError):
@@ -87,10 +99,47 @@ def quiet_transformers() -> Iterator[None]:
         transformers.logging.set_verbosity(verbosity)
 
 
+def configured_source(model_cfg: DictConfig, role: str) -> tuple[str, str]:
+    """(the source ``model.<role>`` names, the world part ``tiny`` means there): ``model.student=teacher`` is
+    ``(model.teacher, "teacher")``."""
+    name = str(model_cfg.get(role))
+    if role == "student" and name == FROM_TEACHER:
+        teacher = model_cfg.get("teacher")
+        if teacher is None:
+            raise ValueError(
+                "model.student=teacher builds the student from model.teacher, which is null; name the student's "
+                "source in model.student (`tiny`, a hub id or a directory) or set model.teacher"
+            )
+        return str(teacher), "teacher"
+    return name, role
+
+
+def role_config(config: MusicgenConfig, model_cfg: DictConfig, role: str, source: str) -> MusicgenConfig:
+    """The architecture ``model.<role>`` trains with, from its source's ``config``: the student's after
+    ``model.student_init`` (fewer decoder layers, provenance recorded), the teacher's as saved."""
+    if role != "student":
+        return config
+    return student_init_config(config, parse_student_init(model_cfg.get("student_init")), source)
+
+
+def source_label(model_cfg: DictConfig, role: str) -> str:
+    """``model.<role>`` for messages and plans: the source as configured, and how the student is built from it."""
+    name, part = configured_source(model_cfg, role)
+    label = f"{name} (the teacher's)" if part != role else name
+    init = parse_student_init(model_cfg.get("student_init")) if role == "student" else None
+    if init is None or init.is_default:
+        return label
+    layers = "all decoder layers" if init.layers is None else f"decoder layers {describe_layers(init.layers)}"
+    return f"{label}, {layers}, {init.weights} weights"
+
+
 def source_config(model_cfg: DictConfig, role: str) -> MusicgenConfig:
-    """``model.<role>``'s MusicgenConfig without loading weights: config.json only (``tiny``: the shipped world's)."""
-    source = resolve_tiny(str(model_cfg.get(role)), role)
-    key = f"model.{role}"
+    """``model.<role>``'s MusicgenConfig without loading weights: config.json only (``tiny``: the shipped world's).
+
+    The student's is the one it trains with: ``model.student_init`` applied (:func:`role_config`)."""
+    name, part = configured_source(model_cfg, role)
+    source = resolve_tiny(name, part)
+    key = f"model.{part}"
     check_model_source(source, key)
     with quiet_transformers():
         try:
@@ -108,7 +157,7 @@ def source_config(model_cfg: DictConfig, role: str) -> MusicgenConfig:
             "MusicGen ('musicgen', text-to-music with a T5 encoder and EnCodec); point it at a MusicGen model "
             "such as facebook/musicgen-small"
         )
-    return config
+    return role_config(config, model_cfg, role, source)
 
 
 def plain(value: object) -> object:
@@ -157,6 +206,9 @@ def check_model_config(model_cfg: DictConfig) -> None:
     if not isinstance(checkpointing, bool):
         raise ValueError(f"model.student_gradient_checkpointing={checkpointing!r}: must be true or false")
     compile_arguments(model_cfg.get("compile_student", False))
+    parse_student_init(
+        model_cfg.get("student_init")
+    )  # names and types; the layer range with the config below
     student = source_config(model_cfg, "student")
     if model_cfg.get("teacher") is not None:
         teacher = source_config(model_cfg, "teacher")
@@ -164,9 +216,10 @@ def check_model_config(model_cfg: DictConfig) -> None:
 
 
 def resolve_sources(model_cfg: DictConfig) -> tuple[str, str | None]:
-    """Replace ``tiny`` by the shipped world's teacher / student directories."""
+    """Replace ``tiny`` by the shipped world's teacher / student directories (``model.student=teacher``: the
+    student's weights come from the teacher's)."""
     teacher = model_cfg.get("teacher")
-    student = resolve_tiny(str(model_cfg.student), "student")
+    student = resolve_tiny(*configured_source(model_cfg, "student"))
     return str(student), (resolve_tiny(str(teacher), "teacher") if teacher is not None else None)
 
 
@@ -193,10 +246,14 @@ def load_teacher_student(model_cfg: DictConfig, load_teacher: bool = True) -> Te
     """Student in fp32 (it trains), teacher frozen in ``model.teacher_dtype``; tokenizer from the student.
 
     ``load_teacher=False`` (training from the teacher-logit cache) keeps the teacher's source but not its weights.
+    ``model.student_init`` builds the student from its source (kept decoder layers; ``weights: random`` re-drawn
+    with ``torch.initial_seed()``: the run's ``seed``, which train sets before loading).
     """
     student_source, teacher_source = resolve_sources(model_cfg)
+    init = parse_student_init(model_cfg.get("student_init"))
     with quiet_transformers():
         student = load_musicgen(student_source)
+        build_student(student, init, student_source, seed=torch.initial_seed())
         prepare_student(student, model_cfg)
         teacher = None
         if teacher_source is not None and load_teacher:
