@@ -24,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from tests.conftest import CONF_DIR, FAST_OVERRIDES
 
 LOSSES = sorted(p.stem for p in (CONF_DIR / "loss").glob("*.yaml"))
+PAPER_ARMS = {"baseline", "kd_only", "quant_only", "kd_quant"}  # +sweep=ablation: the paper's four
+CHEAPER_ARMS = {"kd_only", "kd_guided", "kd_guided_quant", "kd_layerdrop", "kd_layerdrop_random"}
 ARMS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 # A run of two optimizer steps, validated once at the end.
 TINY_RUN = [o for o in FAST_OVERRIDES if not o.startswith("trainer.max_steps=")] + ["trainer.max_steps=2"]
@@ -232,7 +234,8 @@ PRESETS = {
             "loss.temperature.start": {"1.0", "2.0", "4.0"},
         },
     ),
-    "ablation": (12, {"+experiment": set(ARMS), "seed": {"0", "1", "2"}}),
+    "ablation": (12, {"+experiment": PAPER_ARMS, "seed": {"0", "1", "2"}}),
+    "cheaper_student": (15, {"+experiment": CHEAPER_ARMS, "seed": {"0", "1", "2"}}),
 }
 
 
@@ -330,3 +333,9 @@ def test_joblib_multirun_runs_both_jobs(tmp_path, tiny_pair, cache_dir):
         ("rkl", "finished", 2),
     ]
     assert all(math.isfinite(s["after"]["val/ce"]) for s in summaries)
+
+
+def test_every_experiment_arm_is_in_a_sweep_preset():
+    assert (
+        set(ARMS) == PAPER_ARMS | CHEAPER_ARMS
+    )  # a new conf/experiment file joins the ablation or the comparison

@@ -44,6 +44,7 @@ from tinymusician.training.summary import (
 )
 from tinymusician.training.teacher_logits import check_cacheable, open_for_run, teacher_source
 from tinymusician.zoo.pair import load_teacher_student
+from tinymusician.zoo.student_init import PROVENANCE
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,8 @@ def fit_and_report(
     summary = {
         **run_identity(cfg, output_dir, status="finished"),
         "student": models.student_source,
+        # model.student_init: which of the source's decoder layers it kept, pretrained or random (else None)
+        "student_init": getattr(models.student.config.decoder, PROVENANCE, None),
         "teacher": models.teacher_source,
         "student_trainable_params": count_parameters(models.student, trainable=True),
         "teacher_params": count_parameters(models.teacher),

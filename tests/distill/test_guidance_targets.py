@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -76,13 +78,27 @@ def test_a_dropped_caption_row_targets_the_teachers_unconditional_distribution(
     torch.testing.assert_close(out["teacher"], unconditional.float(), rtol=1e-4, atol=1e-4)  # cond = uncond
 
 
-def test_kd_guided_experiment_trains_and_saves_a_one_pass_student(tmp_path, tiny_pair):
+def test_kd_guided_experiment_trains_and_saves_a_one_pass_student(tmp_path, tiny_pair, capsys):
     from tinymusician.train import train
 
-    cfg = compose_train_cfg(["+experiment=kd_guided", "trainer.max_steps=2", "eval=none"], tmp_path)
+    cfg = compose_train_cfg(
+        [
+            "+experiment=kd_guided",
+            "trainer.max_steps=2",
+            "eval=default",
+            "eval.num_prompts=2",
+            "eval.seconds=0.5",
+        ],
+        tmp_path,
+    )
     assert cfg.loss.guidance_scale == 3.0
-    metrics, _ = train(cfg)
+    metrics, objects = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/kd"]))
+    assert objects["summary"]["guidance_scale"] == 3.0
+    assert "guidance 1 (the model's default)" in objects["summary"]["eval_setup"]  # evaluated in one pass
+    report = json.loads((tmp_path / "eval" / "final" / "report.json").read_text())
+    assert report["student"]["generation"]["guidance_scale"] == 1.0
+    assert "on the guided teacher (CFG 3): a one-pass student" in capsys.readouterr().out
     saved = load_musicgen(str(tmp_path / "student"))
     assert guidance_distilled_scale(saved) == 3.0 and saved.generation_config.guidance_scale == 1.0
     assert instantiate(cfg.loss).guidance_scale == 3.0

@@ -130,6 +130,7 @@ class EvaluateCallback(L.Callback):
                 )
             reference = str(path)
         self.seconds, self.guidance_scale = seconds, guidance_scale
+        self.used_guidance: dict[str, float] = {}  # model name -> the scale its last generation used
         self.seed, self.batch_size = seed, batch_size
         self.reference, self.reference_max_clips = reference, reference_max_clips
         self.clap_model, self.fad_inf, self.inf_min_n = clap_model, fad_inf, inf_min_n
@@ -159,9 +160,16 @@ class EvaluateCallback(L.Callback):
             for spec in self.embedder_specs
         )
         reference = self.reference if self.reference in ("val", HELDOUT) else Path(self.reference).name
+        if self.guidance_scale is not None:
+            guidance = f"guidance {self.guidance_scale:g}"
+        elif self.used_guidance:  # the models' defaults: 1 (one pass) for a guidance-distilled student
+            guidance = "guidance " + ", ".join(f"{s:g}" for s in dict.fromkeys(self.used_guidance.values()))
+            guidance += " (the model's default)"
+        else:
+            guidance = "guidance: the model's default"
         return (
-            f"N={len(self.prompts)} prompts ({self.prompts_source}), {self.seconds:g} s, FAD embedders [{embedders}], "
-            f"reference {reference}, CLAP {self.clap_model or 'none'}"
+            f"N={len(self.prompts)} prompts ({self.prompts_source}), {self.seconds:g} s, {guidance}, FAD embedders "
+            f"[{embedders}], reference {reference}, CLAP {self.clap_model or 'none'}"
         )
 
     # --- hooks --------------------------------------------------------------------------------------------
@@ -212,6 +220,7 @@ class EvaluateCallback(L.Callback):
                     progress=False,
                     desc=f"Generating ({name})",
                 )
+                self.used_guidance[name] = generated.guidance_scale
                 rows = self._write(output / name, generated, rank, world)
                 result = evaluation.score(generated, batch_size=self.batch_size)
                 result["wavs"] = [str(Path(name) / row["file_name"]) for row in rows]

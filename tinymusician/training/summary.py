@@ -45,8 +45,18 @@ def print_summary(summary: dict[str, Any]) -> None:
         teacher = f"{summary['teacher']} via its logit cache (k={source['k']}, tail {source['tail']}: {source['dir']})"
     lines = [
         f"TinyMusician run '{summary['task']}' finished: {summary['steps']} steps in {summary['train_seconds']} s",
-        f"  loss                 {summary['loss']}",
-        f"  student              {summary['student']} ({summary['student_trainable_params']:,} trainable params)",
+        f"  loss                 {summary['loss']}"
+        + (
+            f" on the guided teacher (CFG {summary['guidance_scale']:g}): a one-pass student"
+            if (summary.get("guidance_scale") or 1) > 1
+            else ""
+        ),
+        f"  student              {summary['student']} ({summary['student_trainable_params']:,} trainable params)"
+        + (
+            f", its decoder layers {init['layers']} kept, {init['weights']} weights"
+            if (init := summary.get("student_init"))
+            else ""
+        ),
         f"  teacher              {teacher}",
         f"  val/ce               {change('val/ce')}   (teacher {after.get('val/teacher_ce', math.nan):.3f})",
         f"  val/kl_to_teacher    {change('val/kl_to_teacher')}",
@@ -70,6 +80,7 @@ def run_identity(cfg: DictConfig, output_dir: Path, status: str) -> dict[str, An
     return {
         "task": cfg.get("task_name"),
         "loss": (cfg.get("loss") or {}).get("name"),
+        "guidance_scale": (cfg.get("loss") or {}).get("guidance_scale", 1.0),  # > 1: guidance-distilled
         "seed": cfg.get("seed"),
         "overrides": overrides,
         "log_dir": str(output_dir),

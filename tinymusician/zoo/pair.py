@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, MusicgenConfig, MusicgenForConditionalGeneration, PreTrainedTokenizerBase
 from transformers.models.musicgen.modeling_musicgen import MusicgenDecoderLayer
 
@@ -73,6 +73,8 @@ COMPILE_ARGUMENTS = ("mode", "backend", "fullgraph", "dynamic", "options")
 # teacher, which ``model.student: ${model.teacher}`` could not say: ``tiny`` in the student role is the
 # shipped student). A local directory called ``teacher`` is written ``./teacher``.
 FROM_TEACHER = "teacher"
+# ``model.student: ${model.teacher}`` means the same (rather than silently the shipped student under ``tiny``)
+TEACHER_INTERPOLATIONS = ("${model.teacher}", "${.teacher}")
 
 
 class IncompatiblePairError(ValueError):
@@ -101,9 +103,9 @@ def quiet_transformers() -> Iterator[None]:
 
 def configured_source(model_cfg: DictConfig, role: str) -> tuple[str, str]:
     """(the source ``model.<role>`` names, the world part ``tiny`` means there): ``model.student=teacher`` is
-    ``(model.teacher, "teacher")``."""
+    ``(model.teacher, "teacher")``, and so is ``model.student: ${model.teacher}``."""
     name = str(model_cfg.get(role))
-    if role == "student" and name == FROM_TEACHER:
+    if role == "student" and (name == FROM_TEACHER or interpolates_teacher(model_cfg)):
         teacher = model_cfg.get("teacher")
         if teacher is None:
             raise ValueError(
@@ -112,6 +114,13 @@ def configured_source(model_cfg: DictConfig, role: str) -> tuple[str, str]:
             )
         return str(teacher), "teacher"
     return name, role
+
+
+def interpolates_teacher(model_cfg: DictConfig) -> bool:
+    """``model.student`` is written ``${model.teacher}`` (its raw value, before interpolation)."""
+    if not isinstance(model_cfg, DictConfig) or not OmegaConf.is_interpolation(model_cfg, "student"):
+        return False
+    return OmegaConf.to_container(model_cfg, resolve=False).get("student") in TEACHER_INTERPOLATIONS
 
 
 def role_config(config: MusicgenConfig, model_cfg: DictConfig, role: str, source: str) -> MusicgenConfig:

@@ -57,7 +57,8 @@ class StudentInit:
                 )
         if not kept:
             raise ValueError(
-                f"{KEY}.layers={describe_layers(self.layers)}: keeps no layer of the {num_layers} of {source}; keep at least one"
+                f"{KEY}.layers={describe_layers(self.layers)}: keeps no layer of the {num_layers} of {source}; "
+                "keep at least one"
             )
         return kept
 
