@@ -11,7 +11,9 @@ cd "$(dirname "$0")/.."
 OUT=experiments/results/cheaper_student
 rm -rf "$OUT/runs" "$OUT/data"
 status=0
-OMP_NUM_THREADS=1 python -m tinymusician.train +sweep=cheaper_student \
+# loss=fkl for every arm (the best loss at this budget, experiments/results/loss_comparison), so that only the
+# lever differs: kd_only keeps CE + caption dropout (CFG needs the null condition), kd_guided drops both
+OMP_NUM_THREADS=1 python -m tinymusician.train +sweep=cheaper_student loss=fkl \
   "seed=${SEEDS:-0,1,2}" hydra/launcher=joblib "hydra.launcher.n_jobs=${JOBS:-2}" \
   "hydra.sweep.dir=$OUT/runs" "paths.log_dir=$OUT/runs" logger=csv callbacks.progress_bar=null "$@" || status=$?
 python -m tinymusician.report "$OUT/runs" --out "$OUT" --markdown experiments/cheaper_student.md \
