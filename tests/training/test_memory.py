@@ -132,6 +132,15 @@ def test_precision_teacher_dtype_checkpointing_and_the_cache():
     ce = plan("loss=ce")
     assert "KD gradient" not in ce.phases["loss forward"] and ce.rows["teacher"] > 0  # loaded for validation
 
+    guided = plan("model=musicgen", "loss.guidance_scale=3")  # the teacher's two passes as one doubled batch
+    one, two = bf16_teacher.phases["teacher forward"], guided.phases["teacher forward"]
+    mix = guided.phases["loss forward"]["teacher logits"]  # the fp32 guided target: twice the bf16 logits
+    assert mix == 2 * bf16_teacher.phases["loss forward"]["teacher logits"]
+    assert (
+        two["teacher layer"] == 2 * one["teacher layer"]
+        and two["teacher logits"] == 2 * one["teacher logits"] + mix
+    )
+
 
 def test_cache_size_per_hour():
     size = CacheSize(k=32, frame_rate=50.0, codebooks=4)

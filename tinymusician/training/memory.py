@@ -430,9 +430,11 @@ def activation_phases(
     loss_name: str,
     accelerator: str,
     optimizer_temporaries: float,
+    guided: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Bytes alive at the peak of each phase of a training step, by part (``teacher=None`` with ``kd``: the
-    teacher's top-``k`` from the cache)."""
+    teacher's top-``k`` from the cache). ``guided`` (loss.guidance_scale > 1): the live teacher runs the
+    conditional and unconditional batch at once, and its target is their fp32 mix."""
     act = batch.act
     layer = layer_activation_bytes(student, batch.size, batch.positions, batch.text_tokens, act)
     layer_input = batch.size * batch.positions * student.hidden * act
@@ -455,16 +457,19 @@ def activation_phases(
     backward = {"decoder": saved + recompute, "CE log-probs": fp32_logits, "logits gradient": 2 * fp32_logits}
     if kd:
         if teacher is not None:
-            teacher_logits = logits * teacher_bytes
+            passes = 2 if guided else 1
+            teacher_logits = logits * 4 if guided else logits * teacher_bytes  # the guided mix is fp32
             phases["teacher forward"] = {
                 "decoder": saved,
                 "student logits": student_logits,
                 # no_grad: one layer's working set at a time
-                "teacher layer": batch.size
+                "teacher layer": passes
+                * batch.size
                 * batch.positions
                 * (4 * teacher.hidden + 2 * teacher.ffn)
                 * teacher_bytes,
-                "teacher logits": 2 * teacher_logits,  # heads and their stacked copy
+                # heads and their stacked copy (both passes), then the mix
+                "teacher logits": 2 * passes * logits * teacher_bytes + (teacher_logits if guided else 0),
             }
         else:  # the cache's top-k (fp16 log-probs, int16 indices) and the fp16 tail mass per position
             teacher_logits = batch.size * student.codebooks * batch.positions * (4 * k + 2)
@@ -547,6 +552,7 @@ def plan_memory(cfg: DictConfig, k: int | None = None) -> MemoryPlan:
         loss_name=str(cfg.loss.get("name")),
         accelerator=str(cfg.trainer.get("accelerator", "auto")),
         optimizer_temporaries=student.trainable * weight_bytes / shard_states,
+        guided=float((cfg.get("loss") or {}).get("guidance_scale", 1.0) or 1.0) > 1,
     )
     if kd and teacher is None:
         notes.append(f"distill.teacher_source=cache: no teacher in memory, its top-{k} read from disk")
