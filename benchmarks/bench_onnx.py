@@ -13,11 +13,16 @@ Every run: ``--seconds`` of audio (10), classifier-free guidance 3, top-k 250 sa
 of audio; below 1.0 is faster than real time. Backends run in turn, ``--rounds`` times round-robin; the best
 round counts. Targets: ORT int8 RTF <= 1.0 and >= 3x faster than PyTorch fp32 eager. Exits 0 either way.
 
+``--guidance-scale 1`` times one pass per step instead (no unconditional half: transformers and the runtime
+both skip the doubled batch at scale <= 1); ``--decoder-layers N`` keeps only the first N decoder layers (a
+shallower student of the same width). ``bench_student_speed.py`` compares both, reusing this script.
+
 ``--int8-weights-too`` also exports ONNX Runtime's default int8 weights (U8S8, the bundle format before
 uint8 weights; it saturates on AVX2 CPUs without VNNI, see tinymusician/onnx/export.py) and times it as
 ``ort-int8-s8`` beside the bundle's uint8 weights, to show what exactness costs on this CPU.
 
     python benchmarks/bench_onnx.py [--seconds 10] [--rounds 1] [--threads 2] [--tiny] [--backends ...]
+                                    [--guidance-scale 3] [--decoder-layers N]
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 BACKENDS = ("torch-fp32", "torch-int8", "ort-fp32", "ort-int8", "ort-int4")
+PRECISIONS = ("fp32", "int8", "int4")  # what the bundle is exported in
 S8 = "int8-s8"  # the comparison-only precision: int8 (U8S8) weights, exported as onnx/*_int8.onnx
 
 
@@ -80,9 +87,20 @@ PROMPT = "lo-fi hip hop beat with warm piano chords and vinyl crackle"
 
 def peak_rss_mb() -> float:
     """This process's resident high-water mark (VmHWM: unlike ru_maxrss, not inherited across exec)."""
-    from bench_divergences import _status_kib
+    # read here, not through tinymusician.training.memory: the ORT workers must not import torch
+    status = Path("/proc/self/status").read_text(encoding="ascii")
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
 
-    return _status_kib("VmHWM") / 1024
+
+def stage_clock(model) -> dict[str, list[float]]:
+    """Times the text encoder and every decoder step through forward hooks (transformers' ``generate`` is
+    untouched), so PyTorch reports the same stages as :class:`TinyMusicianONNX`'s ``last_stats``."""
+
+    times: dict[str, list[float]] = {"text": [], "steps": []}
+    for module, key in ((model.text_encoder, "text"), (model.decoder, "steps")):
+        module.register_forward_pre_hook(lambda *_, key=key: times[key].append(time.perf_counter()))
+        module.register_forward_hook(lambda *_, key=key: times[key].append(time.perf_counter()))
+    return times
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -95,7 +113,7 @@ def worker(args: argparse.Namespace) -> None:
             path, precision = f"{args.bundle}-s8", "int8"
         model = TinyMusicianONNX(path, precision=precision, threads=args.threads)
         loaded = peak_rss_mb()
-        model.generate([PROMPT], args.seconds, seed=0)
+        model.generate([PROMPT], args.seconds, guidance_scale=args.guidance_scale, seed=0)
         stats = model.last_stats
     else:
         import torch
@@ -113,11 +131,20 @@ def worker(args: argparse.Namespace) -> None:
         loaded = peak_rss_mb()
         frame_rate = int(model.config.audio_encoder.frame_rate)
         frames = round(args.seconds * frame_rate)
+        times = stage_clock(model)
         started = time.perf_counter()
-        torch_generate(model, tokenizer, [PROMPT], frames, seed=0)
-        compute = time.perf_counter() - started
-        stats = {"compute_s": compute, "audio_s": frames / frame_rate, "rtf": compute * frame_rate / frames}
-        stats["decoder_step_ms"] = float("nan")
+        torch_generate(model, tokenizer, [PROMPT], frames, guidance_scale=args.guidance_scale, seed=0)
+        finished = time.perf_counter()
+        compute, encoded, decoded = finished - started, times["text"][-1], times["steps"][-1]
+        stats = {
+            "text_encoder_s": encoded - started,
+            "decoder_s": decoded - encoded,
+            "decoder_step_ms": 1000 * (decoded - encoded) / (len(times["steps"]) // 2),
+            "encodec_decode_s": finished - decoded,  # with the last step's sampling, as the runtime's
+            "compute_s": compute,
+            "audio_s": frames / frame_rate,
+            "rtf": compute * frame_rate / frames,
+        }
     print(json.dumps({**stats, "peak_rss_mb": peak_rss_mb(), "loaded_rss_mb": loaded}), flush=True)
 
 
@@ -125,6 +152,7 @@ def run_backend(backend: str, args: argparse.Namespace, model_dir: Path, bundle:
     command = [
         sys.executable, __file__, "--worker", backend, "--model-dir", str(model_dir), "--bundle", str(bundle),
         "--seconds", str(args.seconds), "--threads", str(args.threads),
+        "--guidance-scale", str(args.guidance_scale),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -132,20 +160,38 @@ def run_backend(backend: str, args: argparse.Namespace, model_dir: Path, bundle:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def prepare(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path, dict]:
-    """Save the model (the PyTorch backends load it) and export the bundle (fp32, int8, int4)."""
+def keep_decoder_layers(model, layers: int) -> None:
+    """Drop all but the first ``layers`` decoder layers (in place): the same model, shallower."""
+    stack = model.decoder.model.decoder.layers
+    if not 1 <= layers <= len(stack):
+        raise ValueError(
+            f"--decoder-layers {layers}: the model has {len(stack)} decoder layers; choose 1..{len(stack)}"
+        )
+    del stack[layers:]
+    model.config.decoder.num_hidden_layers = model.decoder.config.num_hidden_layers = layers
+
+
+def prepare(
+    args: argparse.Namespace, scratch: Path, precisions: Sequence[str] = PRECISIONS
+) -> tuple[Path, Path, dict]:
+    """Save the model (the PyTorch backends load it) and export the bundle in ``precisions`` (none: no export,
+    the manifest is empty)."""
     from bench_quant import small_architecture
 
     from tinymusician.models.musicgen import load_musicgen, load_tokenizer, save_musicgen
     from tinymusician.onnx.export import export_bundle
-    from tinymusician.zoo.tiny import ensure_tiny_pair
+    from tinymusician.zoo.tiny import shipped_pair
 
-    tiny = ensure_tiny_pair().student
+    tiny = shipped_pair().student
     model = load_musicgen(str(tiny)) if args.tiny else small_architecture()
+    if args.decoder_layers:
+        keep_decoder_layers(model, args.decoder_layers)
     tokenizer = load_tokenizer(str(tiny))  # token ids only need to be in range; weights are random anyway
     model_dir = save_musicgen(model, tokenizer, scratch / "model")
+    if not precisions:
+        return model_dir, scratch / "bundle", {}
     started = time.perf_counter()
-    precisions = ["fp32", "int8", "int4"]
+    precisions = list(precisions)
     if f"ort-{S8}" in args.backends:
         register_s8()
         precisions.append(S8)
@@ -168,6 +214,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--guidance-scale", type=float, default=3.0, help="1: one pass per step, no CFG")
+    parser.add_argument("--decoder-layers", type=int, help="keep only the first N decoder layers")
     choices = [*BACKENDS, f"ort-{S8}"]
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=choices)
     parser.add_argument("--int8-weights-too", action="store_true", help=f"also time ort-{S8} (see above)")
@@ -199,9 +247,11 @@ def main() -> None:
         f"ort-{S8}": manifest.get("s8_int8_bytes", float("nan")),
     }
     reference = best.get("torch-fp32", {}).get("rtf")
+    guidance = f"CFG {args.guidance_scale:g}" if args.guidance_scale > 1 else "one pass (no CFG)"
+    layers = f", {args.decoder_layers} decoder layers" if args.decoder_layers else ""
     print(
-        f"\n{args.seconds:g} s of audio, CFG 3, top-k 250, batch 1, {args.threads} threads "
-        f"({'tiny student' if args.tiny else 'MusicGen-Small architecture, random weights'})"
+        f"\n{args.seconds:g} s of audio, {guidance}, top-k 250, batch 1, {args.threads} threads "
+        f"({'tiny student' if args.tiny else 'MusicGen-Small architecture, random weights'}{layers})"
     )
     print(f"{'backend':<13}{'RTF':>8}{'vs torch-fp32':>15}{'step ms':>9}{'peak RSS MB':>13}{'size MB':>10}")
     for backend, stats in best.items():

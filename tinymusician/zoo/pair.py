@@ -215,9 +215,8 @@ def check_model_config(model_cfg: DictConfig) -> None:
     if not isinstance(checkpointing, bool):
         raise ValueError(f"model.student_gradient_checkpointing={checkpointing!r}: must be true or false")
     compile_arguments(model_cfg.get("compile_student", False))
-    parse_student_init(
-        model_cfg.get("student_init")
-    )  # names and types; the layer range with the config below
+    # model.student_init's names and types here; its layer range against the source's config below
+    parse_student_init(model_cfg.get("student_init"))
     student = source_config(model_cfg, "student")
     if model_cfg.get("teacher") is not None:
         teacher = source_config(model_cfg, "teacher")
