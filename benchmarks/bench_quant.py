@@ -63,9 +63,9 @@ def load_model(args: argparse.Namespace) -> MusicgenForConditionalGeneration:
     if args.model:
         return load_musicgen(args.model).eval()
     if args.tiny:
-        from tinymusician.zoo.tiny import ensure_tiny_pair
+        from tinymusician.zoo.tiny import shipped_pair
 
-        return load_musicgen(str(ensure_tiny_pair().student)).eval()
+        return load_musicgen(str(shipped_pair().student)).eval()
     return small_architecture()
 
 
