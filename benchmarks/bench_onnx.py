@@ -113,7 +113,7 @@ def worker(args: argparse.Namespace) -> None:
             path, precision = f"{args.bundle}-s8", "int8"
         model = TinyMusicianONNX(path, precision=precision, threads=args.threads)
         loaded = peak_rss_mb()
-        model.generate([PROMPT], args.seconds, guidance_scale=args.guidance_scale, seed=0)
+        model.generate([PROMPT] * args.batch, args.seconds, guidance_scale=args.guidance_scale, seed=0)
         stats = model.last_stats
     else:
         import torch
@@ -133,7 +133,9 @@ def worker(args: argparse.Namespace) -> None:
         frames = round(args.seconds * frame_rate)
         times = stage_clock(model)
         started = time.perf_counter()
-        torch_generate(model, tokenizer, [PROMPT], frames, guidance_scale=args.guidance_scale, seed=0)
+        torch_generate(
+            model, tokenizer, [PROMPT] * args.batch, frames, guidance_scale=args.guidance_scale, seed=0
+        )
         finished = time.perf_counter()
         compute, encoded, decoded = finished - started, times["text"][-1], times["steps"][-1]
         stats = {
@@ -152,7 +154,7 @@ def run_backend(backend: str, args: argparse.Namespace, model_dir: Path, bundle:
     command = [
         sys.executable, __file__, "--worker", backend, "--model-dir", str(model_dir), "--bundle", str(bundle),
         "--seconds", str(args.seconds), "--threads", str(args.threads),
-        "--guidance-scale", str(args.guidance_scale),
+        "--guidance-scale", str(args.guidance_scale), "--batch", str(getattr(args, "batch", 1)),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -216,6 +218,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="1: one pass per step, no CFG")
     parser.add_argument("--decoder-layers", type=int, help="keep only the first N decoder layers")
+    parser.add_argument(
+        "--batch", type=int, default=1, help="prompts generated at once (RTF: per clip length)"
+    )
     choices = [*BACKENDS, f"ort-{S8}"]
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=choices)
     parser.add_argument("--int8-weights-too", action="store_true", help=f"also time ort-{S8} (see above)")

@@ -6,7 +6,7 @@ doubled internally), one pass (scale 1: batch 1, no unconditional half)}. Each d
 (fp32 + int8, only if an ORT backend is asked for); both guidance settings run on the same bundle. Backends and
 the worker processes are bench_onnx.py's: ``torch-fp32`` (transformers' ``generate``), ``ort-fp32`` and
 ``ort-int8`` (:class:`TinyMusicianONNX`), each generation in its own process, ``--seconds`` of audio, top-k 250
-sampling, seed 0, batch 1, ``--threads`` threads.
+sampling, seed 0, batch ``--batch`` (1), ``--threads`` threads.
 
 All (variant, backend) runs are interleaved in one run, ``--rounds`` times (the order reversed every other
 round, so drift on this shared machine hits both sides of a ratio alike); the best round of each counts.
@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="the tiny world's student (a smoke run)")
+    parser.add_argument(
+        "--batch", type=int, default=1, help="prompts generated at once (CFG doubles the rows of each step)"
+    )
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="the CFG variant's scale")
     parser.add_argument(
         "--layers", type=int, nargs=2, metavar=("FULL", "FEWER"), help="decoder depths (default: all, half)"
@@ -94,7 +97,9 @@ def main() -> None:
         best: dict[tuple, dict] = {}
         for round_index in range(args.rounds):
             for backend, depth, scale in runs if round_index % 2 == 0 else reversed(runs):
-                options = argparse.Namespace(seconds=args.seconds, threads=args.threads, guidance_scale=scale)
+                options = argparse.Namespace(
+                    seconds=args.seconds, threads=args.threads, guidance_scale=scale, batch=args.batch
+                )
                 stats = bench_onnx.run_backend(backend, options, *prepared[depth])
                 print(
                     f"round {round_index + 1} {backend:<11}{depth:>3} layers, guidance {scale:g}: "
@@ -107,7 +112,7 @@ def main() -> None:
 
     model = "tiny student" if args.tiny else "MusicGen-Small architecture, random weights"
     print(
-        f"\n{args.seconds:g} s of audio, top-k 250, batch 1, {args.threads} threads, best of {args.rounds} "
+        f"\n{args.seconds:g} s of audio, top-k 250, batch {args.batch}, {args.threads} threads, best of {args.rounds} "
         f"round(s) ({model}); RTF = compute s / audio s, step = decoding ms / step"
     )
     header = f"{'backend':<12}{'layers':>7}{'guidance':>10}{'RTF':>8}{'step ms':>9}"
