@@ -133,7 +133,10 @@ def generate_audio(
     frame_rate = float(model.config.audio_encoder.frame_rate)
     sample_rate = int(model.config.audio_encoder.sampling_rate)
     frames = round(seconds * frame_rate)
-    guidance_scale = resolve_guidance_scale(model, guidance_scale)
+    try:
+        guidance_scale = resolve_guidance_scale(model, guidance_scale)
+    except ValueError as err:
+        raise EvaluationError(str(err)) from err
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -62,8 +62,9 @@ def check_distributed(cfg: DictConfig, launcher: str = "") -> str | None:
 
     ``launcher`` is the Hydra launcher that runs the job (``hydra_launcher()`` in train); it is an argument,
     not read here, so a tool that only composes the config (plan_memory) is not judged by whatever Hydra app
-    ran last in the process. ``model.teacher_sharding``: only ``replicate`` (every rank holds the frozen teacher, outside the module
-    tree); ``shard`` needs FSDP, which Lightning runs on GPUs only, and is not offered untested.
+    ran last in the process. ``model.teacher_sharding``: only ``replicate`` (every rank holds the frozen
+    teacher, outside the module tree); ``shard`` needs FSDP, which Lightning runs on GPUs only, and is not
+    offered untested.
     """
     sharding = (cfg.get("model") or {}).get("teacher_sharding", "replicate")
     if sharding not in TEACHER_SHARDING:
