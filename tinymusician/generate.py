@@ -7,7 +7,8 @@ a hub id, ``tiny`` or a training ``.ckpt``. Bad arguments and unusable models fa
 ``error: ...`` and exit status 2. Both backends use the same decoding (delay pattern, classifier-free guidance, temperature + top-k
 sampling, or ``--greedy``), show progress, and report the real-time factor (compute seconds per second of
 audio; below 1.0 is faster than real time). Several prompts are generated as one batch and written as
-``a.wav``, ``a-1.wav``, ...
+``a.wav``, ``a-1.wav``, ... ``--stream`` (bundles): the WAVs are written chunk by chunk as the codes arrive, so the
+first audio is on disk after about ``--chunk-seconds`` of music has been generated.
 """
 
 from __future__ import annotations
@@ -110,10 +111,35 @@ def run_torch(args: argparse.Namespace) -> tuple[np.ndarray, int, dict[str, floa
     )
 
 
-def run_onnx(args: argparse.Namespace) -> tuple[np.ndarray, int, dict[str, float]]:
-    model = TinyMusicianONNX(
+def load_bundle(args: argparse.Namespace) -> TinyMusicianONNX:
+    return TinyMusicianONNX(
         args.model, precision=args.precision, threads=args.threads, verify=not args.no_verify
     )
+
+
+def run_stream(args: argparse.Namespace) -> tuple[list[Path], int, dict[str, float]]:
+    """``--stream``: each chunk is appended to the WAVs (16-bit PCM, flushed) as soon as it is decoded."""
+    import soundfile as sf
+
+    model = load_bundle(args)
+    options = {k: v for k, v in decoding_options(args).items() if k != "progress"}
+    paths = output_paths(args.out, len(args.prompts))
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    files = [sf.SoundFile(str(p), "w", model.sampling_rate, 1, subtype="PCM_16") for p in paths]
+    try:
+        for chunk in model.stream(args.prompts, args.seconds, chunk_seconds=args.chunk_seconds, **options):
+            for handle, clip in zip(files, chunk, strict=True):
+                handle.write(np.clip(clip, -1.0, 1.0))
+                handle.flush()
+    finally:
+        for handle in files:
+            handle.close()
+    return paths, model.sampling_rate, model.last_stats
+
+
+def run_onnx(args: argparse.Namespace) -> tuple[np.ndarray, int, dict[str, float]]:
+    model = load_bundle(args)
     log.info("ONNX Runtime backend: %s (%s)", args.model, model.precisions)
     audio = model.generate(
         args.prompts,
@@ -157,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="bundle only: check graph sizes but not their sha256 (hashed once per file and remembered)",
     )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="bundle only: write the WAVs chunk by chunk while generating (first audio within about a second)",
+    )
+    parser.add_argument(
+        "--chunk-seconds", type=float, default=0.5, help="with --stream: audio per chunk (default 0.5 s)"
+    )
     add_base_argument(parser)
     parser.add_argument(
         "--threads",
@@ -175,6 +209,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not math.isfinite(args.seconds) or args.seconds <= 0:
             raise GenerationError(f"--seconds {args.seconds}: must be a positive number of seconds")
         check_output(args.out)
+        if args.stream:
+            if backend != "onnx":
+                raise GenerationError(
+                    f"--stream needs an ONNX bundle; --model {args.model} is a PyTorch model: export it with "
+                    f"`python -m tinymusician.export {args.model} --out bundle` or drop --stream"
+                )
+            paths, sample_rate, stats = run_stream(args)
+            print(
+                f"Streamed {', '.join(map(str, paths))}: {len(paths)} x {stats['audio_s']:.2f} s at {sample_rate} "
+                f"Hz in {stats['chunks']} chunks; first audio after {stats['first_audio_s']:.2f} s, compute "
+                f"{stats['compute_s']:.2f} s, real-time factor {stats['rtf']:.3f}"
+            )
+            return 0
         audio, sample_rate, stats = run_onnx(args) if backend == "onnx" else run_torch(args)
     except (BundleError, GenerationError, FileNotFoundError, ValueError, RuntimeError) as err:
         # bad bundle, bad arguments, unknown model dir / hub id (ModelSourceError), wrong checkpoint

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +63,10 @@ def delay_pattern_mask(num_codebooks: int, frames: int, pad: int) -> np.ndarray:
     return pattern
 
 
-def undelay(sequence: np.ndarray, frames: int) -> np.ndarray:
-    """``[B, K, frames + K]`` delayed codes -> ``[B, K, frames]`` aligned codes."""
+def undelay(sequence: np.ndarray, frames: int, first: int = 0) -> np.ndarray:
+    """``[B, K, frames + K]`` delayed codes -> ``[B, K, frames - first]`` aligned codes (frames first..frames-1)."""
     num_codebooks = sequence.shape[1]
-    return np.stack([sequence[:, k, k + 1 : k + 1 + frames] for k in range(num_codebooks)], axis=1)
+    return np.stack([sequence[:, k, k + 1 + first : k + 1 + frames] for k in range(num_codebooks)], axis=1)
 
 
 def sample_next(
@@ -102,6 +102,10 @@ MODEL_FACTS = (
     "max_frames",
 )
 TOKEN_IDS = ("pad_token_id", "decoder_start_token_id")
+# stream(): codec frames decoded on each side of a chunk. The tiny codec's one-shot decode is matched to 4e-7
+# with 32 on the left (its LSTM's memory) and 4 on the right (its non-causal convolutions); 8 leaves a margin.
+STREAM_CONTEXT_FRAMES = 32
+STREAM_LOOKAHEAD_FRAMES = 8
 VERIFIED_FILE = "verified-onnx.json"  # in the cache dir: graph files already hashed (see check_files)
 VERIFIED_LIMIT = 512
 
@@ -509,17 +513,35 @@ class TinyMusicianONNX:
         text_mask: np.ndarray,
         frames: int,
         *,
+        on_step: Callable[[int, int], None] | None = None,
+        **decoding: Any,
+    ) -> np.ndarray:
+        """Autoregressive decoding with the KV cache -> aligned codes ``[B, K, frames]``.
+
+        ``decoding``: :meth:`code_steps`'s options (guidance_scale=None: the bundle's default, <= 1 one pass).
+        """
+        steps = frames + self.facts["num_codebooks"] - 1
+        sequence = None
+        for step, sequence in self.code_steps(text_states, text_mask, frames, **decoding):  # noqa: B007
+            if on_step is not None:
+                on_step(step, steps)
+        return undelay(sequence, frames)
+
+    def code_steps(
+        self,
+        text_states: np.ndarray,
+        text_mask: np.ndarray,
+        frames: int,
+        *,
         guidance_scale: float | None = None,
         do_sample: bool = True,
         temperature: float = 1.0,
         top_k: int = 250,
         seed: int | None = None,
-        on_step: Callable[[int, int], None] | None = None,
-    ) -> np.ndarray:
-        """Autoregressive decoding with the KV cache -> aligned codes ``[B, K, frames]``.
-
-        ``guidance_scale=None``: the bundle's default (:attr:`default_guidance_scale`); <= 1 runs one pass.
-        """
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """The decoding loop, one step at a time: yields ``(step, sequence)`` after position ``step`` of the
+        delayed ``sequence [B, K, frames + K]`` is written (frame f of every codebook is final once
+        ``step >= f + K``). The same array is updated in place; copy what you keep."""
         if guidance_scale is None:
             guidance_scale = self.default_guidance_scale
         facts = self.facts
@@ -557,9 +579,74 @@ class TinyMusicianONNX:
             tokens = sample_next(scores, rng, temperature, top_k).reshape(batch, num_codebooks)
             forced = pattern[:, step + 1]
             sequence[:, :, step + 1] = np.where(forced == -1, tokens, forced)
-            if on_step is not None:
-                on_step(step + 1, steps)
-        return undelay(sequence, frames)
+            yield step + 1, sequence
+
+    def stream(
+        self,
+        prompts: str | Sequence[str],
+        seconds: float = 10.0,
+        *,
+        chunk_seconds: float = 0.5,
+        context_frames: int = STREAM_CONTEXT_FRAMES,
+        lookahead_frames: int = STREAM_LOOKAHEAD_FRAMES,
+        guidance_scale: float | None = None,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_k: int = 250,
+        seed: int | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Audio ``[B, samples]`` chunks of about ``chunk_seconds`` as the codes arrive; concatenated, they are the
+        one-shot decode of the same codes (to ~1e-6 on the tiny codec with the defaults).
+
+        The codec decoder runs on overlapping windows: ``context_frames`` already-played frames on the left (its
+        LSTM forgets where a window starts) and ``lookahead_frames`` not-yet-played ones on the right (its
+        non-causal convolutions read ahead); only the samples between are emitted. Same decoding as
+        :meth:`generate` (same seed, same codes); ``last_stats`` holds ``first_audio_s`` (time to the first chunk).
+        """
+        if do_sample and temperature <= 0:
+            raise GenerationError(f"temperature={temperature}: must be > 0 (use do_sample=False for greedy)")
+        if not chunk_seconds > 0 or context_frames < 0 or lookahead_frames < 0:
+            raise GenerationError(
+                f"chunk_seconds={chunk_seconds}, context_frames={context_frames}, lookahead_frames="
+                f"{lookahead_frames}: the chunk must be positive, context and lookahead >= 0"
+            )
+        frames = self.frames_for(seconds)
+        chunk = max(1, round(chunk_seconds * self.frame_rate))
+        # the codec graph reflect-pads its first convolution: every window needs min_frames frames
+        chunk = max(chunk, int(self.facts["min_frames"]) - lookahead_frames)
+        hop = round(self.sampling_rate / self.frame_rate)
+        num_codebooks = self.facts["num_codebooks"]
+        started = time.perf_counter()
+        input_ids, mask = self.encode_prompts(prompts)
+        text_states = self.encode_text(input_ids, mask)
+        first_audio, played, chunks = None, 0, 0
+        options = {"guidance_scale": guidance_scale, "do_sample": do_sample, "temperature": temperature}
+        for step, sequence in self.code_steps(text_states, mask, frames, top_k=top_k, seed=seed, **options):
+            final = min(frames, step - num_codebooks + 1)  # frames whose every codebook is written
+            if final == frames:
+                until = frames
+            elif final - lookahead_frames - played >= chunk:
+                until = final - lookahead_frames
+            else:
+                continue
+            low, high = max(0, played - context_frames), min(final, until + lookahead_frames)
+            audio = self.decode_audio(undelay(sequence, high, low))[
+                :, (played - low) * hop : (until - low) * hop
+            ]
+            played, chunks = until, chunks + 1
+            if first_audio is None:
+                first_audio = time.perf_counter() - started
+            yield audio
+            if played == frames:
+                break
+        compute = time.perf_counter() - started
+        self.last_stats = {
+            "first_audio_s": first_audio,
+            "chunks": chunks,
+            "compute_s": compute,
+            "audio_s": frames / self.frame_rate,
+            "rtf": compute / (frames / self.frame_rate),
+        }
 
     def generate(
         self,
