@@ -22,7 +22,7 @@ uint8 weights; it saturates on AVX2 CPUs without VNNI, see tinymusician/onnx/exp
 ``ort-int8-s8`` beside the bundle's uint8 weights, to show what exactness costs on this CPU.
 
     python benchmarks/bench_onnx.py [--seconds 10] [--rounds 1] [--threads 2] [--tiny] [--backends ...]
-                                    [--guidance-scale 3] [--decoder-layers N]
+                                    [--guidance-scale 3] [--decoder-layers N] [--batch 1] [--stream]
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ def stage_clock(model) -> dict[str, list[float]]:
 def worker(args: argparse.Namespace) -> None:
     """One generation in this process; prints one JSON line."""
     if args.backend.startswith("ort"):
+        import numpy as np
+
         from tinymusician.onnx.runtime import TinyMusicianONNX
 
         path, precision = args.bundle, args.backend.removeprefix("ort-")
@@ -113,8 +115,20 @@ def worker(args: argparse.Namespace) -> None:
             path, precision = f"{args.bundle}-s8", "int8"
         model = TinyMusicianONNX(path, precision=precision, threads=args.threads)
         loaded = peak_rss_mb()
-        model.generate([PROMPT] * args.batch, args.seconds, guidance_scale=args.guidance_scale, seed=0)
+        audio = model.generate(
+            [PROMPT] * args.batch, args.seconds, guidance_scale=args.guidance_scale, seed=0
+        )
         stats = model.last_stats
+        if args.stream:  # the same codes again (same seed), streamed: time to first audio, and the seams
+            chunks = list(
+                model.stream([PROMPT] * args.batch, args.seconds, guidance_scale=args.guidance_scale, seed=0)
+            )
+            stats = {
+                **stats,
+                "first_audio_s": model.last_stats["first_audio_s"],
+                "stream_rtf": model.last_stats["rtf"],
+                "stream_max_diff": float(np.abs(np.concatenate(chunks, axis=1) - audio).max()),
+            }
     else:
         import torch
 
@@ -155,6 +169,7 @@ def run_backend(backend: str, args: argparse.Namespace, model_dir: Path, bundle:
         sys.executable, __file__, "--worker", backend, "--model-dir", str(model_dir), "--bundle", str(bundle),
         "--seconds", str(args.seconds), "--threads", str(args.threads),
         "--guidance-scale", str(args.guidance_scale), "--batch", str(getattr(args, "batch", 1)),
+        *(["--stream"] if getattr(args, "stream", False) else []),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -221,6 +236,11 @@ def main() -> None:
     parser.add_argument(
         "--batch", type=int, default=1, help="prompts generated at once (RTF: per clip length)"
     )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="ORT backends also stream the same clip: time to first audio, and streamed vs one-shot audio",
+    )
     choices = [*BACKENDS, f"ort-{S8}"]
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=choices)
     parser.add_argument("--int8-weights-too", action="store_true", help=f"also time ort-{S8} (see above)")
@@ -255,7 +275,7 @@ def main() -> None:
     guidance = f"CFG {args.guidance_scale:g}" if args.guidance_scale > 1 else "one pass (no CFG)"
     layers = f", {args.decoder_layers} decoder layers" if args.decoder_layers else ""
     print(
-        f"\n{args.seconds:g} s of audio, {guidance}, top-k 250, batch 1, {args.threads} threads "
+        f"\n{args.seconds:g} s of audio, {guidance}, top-k 250, batch {args.batch}, {args.threads} threads "
         f"({'tiny student' if args.tiny else 'MusicGen-Small architecture, random weights'}{layers})"
     )
     print(f"{'backend':<13}{'RTF':>8}{'vs torch-fp32':>15}{'step ms':>9}{'peak RSS MB':>13}{'size MB':>10}")
@@ -265,6 +285,12 @@ def main() -> None:
             f"{backend:<13}{stats['rtf']:>8.3f}{speedup:>15}{stats['decoder_step_ms']:>9.1f}"
             f"{stats['peak_rss_mb']:>13.0f}{sizes[backend]:>10.1f}"
         )
+    for backend, stats in best.items():
+        if "first_audio_s" in stats:
+            print(
+                f"{backend} streamed (0.5 s chunks): first audio after {stats['first_audio_s']:.2f} s, RTF "
+                f"{stats['stream_rtf']:.3f}, max |streamed - one-shot| {stats['stream_max_diff']:.1e}"
+            )
     if "ort-int8" in best and f"ort-{S8}" in best:
         ratio = best["ort-int8"]["decoder_step_ms"] / best[f"ort-{S8}"]["decoder_step_ms"]
         print(f"decoder step, uint8 weights (exact everywhere) / int8 weights (U8S8): {ratio:.2f}x")
