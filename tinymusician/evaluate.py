@@ -26,7 +26,7 @@ from tinymusician.metrics.evaluation import (
     resolve_path,
     run_evaluation,
 )
-from tinymusician.zoo.source import add_base_argument
+from tinymusician.zoo.source import add_base_argument, add_guidance_argument
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", default=None, help="inline prompt, repeatable")
     parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--seconds", type=float, default=10.0, help="generated clip length")
-    parser.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=None,
-        help="classifier-free guidance (1: off, one pass per step); default: the model's, 1 for a "
-        "guidance-distilled student, else 3",
-    )
+    add_guidance_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=4, help="generation and embedding batch size")
     parser.add_argument("--device", default="cpu")

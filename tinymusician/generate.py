@@ -26,7 +26,7 @@ import numpy as np
 
 from tinymusician.models.generation import GenerationError, torch_generate
 from tinymusician.onnx.runtime import BundleError, TinyMusicianONNX
-from tinymusician.zoo.source import add_base_argument
+from tinymusician.zoo.source import add_base_argument, add_guidance_argument
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=Path("generated.wav"))
-    parser.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=None,
-        help="classifier-free guidance (1: off, one pass per step); default: the model's, 1 for a "
-        "guidance-distilled student, else 3",
-    )
+    add_guidance_argument(parser)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=250)
     parser.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")

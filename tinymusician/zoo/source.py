@@ -36,6 +36,17 @@ def add_base_argument(parser: argparse.ArgumentParser, what: str = "a .ckpt") ->
     )
 
 
+def add_guidance_argument(parser: argparse.ArgumentParser) -> None:
+    """``--guidance-scale``: None (the default) lets each model choose, as ``default_guidance_scale`` says."""
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance (1: off, one pass per step); default: the model's, 1 for a "
+        "guidance-distilled student, else 3",
+    )
+
+
 def run_dir_of(checkpoint: Path) -> Path:
     """``<run>/checkpoints/x.ckpt`` -> ``<run>``."""
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
