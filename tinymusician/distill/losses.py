@@ -300,6 +300,13 @@ def check_guidance_scale(value: Any) -> float:
     return float(value)
 
 
+def configured_guidance_scale(loss_cfg: Mapping[str, Any] | None) -> float:
+    """A loss config's ``guidance_scale`` (1 when it has none): what the teacher's targets are, for the parts of a
+    run that read the config rather than the built loss (the logit cache's key, the memory plan, the summary)."""
+    value = (loss_cfg or {}).get("guidance_scale")
+    return 1.0 if value is None else float(value)
+
+
 def build_loss(name: str, guidance_scale: float = 1.0, **params: Any) -> DistillationLoss:
     """Build a loss by exact name; fail loudly (naming ``loss.<key>``) on unknown names or parameters.
 

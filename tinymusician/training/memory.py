@@ -20,6 +20,7 @@ from transformers import AutoConfig, MusicgenConfig, MusicgenForConditionalGener
 
 from tinymusician.config import to_plain
 from tinymusician.distill.divergences import chunk_elements
+from tinymusician.distill.losses import configured_guidance_scale
 from tinymusician.models.musicgen import DTYPES, codec_hop, musicgen_small_config
 from tinymusician.training.distributed import check_distributed
 from tinymusician.zoo.pair import (
@@ -552,7 +553,7 @@ def plan_memory(cfg: DictConfig, k: int | None = None) -> MemoryPlan:
         loss_name=str(cfg.loss.get("name")),
         accelerator=str(cfg.trainer.get("accelerator", "auto")),
         optimizer_temporaries=student.trainable * weight_bytes / shard_states,
-        guided=float((cfg.get("loss") or {}).get("guidance_scale", 1.0) or 1.0) > 1,
+        guided=configured_guidance_scale(cfg.get("loss")) > 1,
     )
     if kd and teacher is None:
         notes.append(f"distill.teacher_source=cache: no teacher in memory, its top-{k} read from disk")

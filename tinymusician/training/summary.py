@@ -11,6 +11,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from tinymusician.distill.losses import configured_guidance_scale
+
 
 def count_parameters(model: torch.nn.Module | None, trainable: bool = False) -> int:
     if model is None:
@@ -80,7 +82,7 @@ def run_identity(cfg: DictConfig, output_dir: Path, status: str) -> dict[str, An
     return {
         "task": cfg.get("task_name"),
         "loss": (cfg.get("loss") or {}).get("name"),
-        "guidance_scale": (cfg.get("loss") or {}).get("guidance_scale", 1.0),  # > 1: guidance-distilled
+        "guidance_scale": configured_guidance_scale(cfg.get("loss")),  # > 1: guidance-distilled
         "seed": cfg.get("seed"),
         "overrides": overrides,
         "log_dir": str(output_dir),

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from tinymusician.config import to_plain
 from tinymusician.data.datamodule import CodesDataModule
 from tinymusician.data.segments import CaptionCollator, SegmentDataset
+from tinymusician.distill.losses import configured_guidance_scale
 from tinymusician.distill.teacher_cache import (
     TEACHER_SOURCES,
     CacheSettings,
@@ -64,8 +65,7 @@ def cache_for_run(cfg: DictConfig, datamodule: CodesDataModule) -> TeacherLogitC
         "teacher": teacher_identity(teacher, str(cfg.model.get("teacher_dtype", "float32"))),
         "data": data_identity(datamodule, run_datasets(datamodule)),
     }
-    guidance_scale = float((cfg.get("loss") or {}).get("guidance_scale", 1.0))  # the targets the run distils
-    return TeacherLogitCache(cache_settings(cfg), key, guidance_scale)
+    return TeacherLogitCache(cache_settings(cfg), key, configured_guidance_scale(cfg.get("loss")))
 
 
 def open_for_run(cfg: DictConfig, datamodule: CodesDataModule) -> tuple[TeacherLogitCache, dict[str, Any]]:
