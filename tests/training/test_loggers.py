@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def wandb_records(run_dir: Path) -> Iterator:
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written
+            return
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST chunk: a record is complete
@@ -76,8 +79,20 @@ def item_key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def read_offline_run(run_dir: Path) -> dict:
-    """run (the init record), config, summary (the last value of each key), history keys, exit code."""
+def read_offline_run(run_dir: Path, timeout: float = 60.0) -> dict:
+    """run (the init record), config, summary (the last value of each key), history keys, exit code.
+
+    wandb's service writes the log from its own process and may still be flushing it after ``run.finish()``
+    returns (seen once in CI on a loaded machine), so read again until the exit record is there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = parse_offline_run(run_dir)
+        if (found["run"] is not None and found["exit_code"] is not None) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def parse_offline_run(run_dir: Path) -> dict:
     run, config, summary, history, exit_code = None, {}, {}, set(), None
     for record in wandb_records(run_dir):
         kind = record.WhichOneof("record_type")
