@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     if not args.no_check:
         for precision, (line, ok) in check_bundle(model, args.out, manifest["precisions"]).items():
-            lines.append(f"  check {precision:<5} {line}{'' if ok else '  FAILED'}")
+            lines.append(f"  check {precision:<10} {line}{'' if ok else '  FAILED'}")
             status = status if ok else 1
     print("\n".join(lines))
     if status:

@@ -56,22 +56,12 @@ def forced_logits(
         )
     sequence = delayed_sequence(codes, facts["pad_token_id"], facts["decoder_start_token_id"])
     generated = delay_pattern_mask(num_codebooks, frames, facts["pad_token_id"])[:, 1:] == -1  # [K, S]
-    empty = np.zeros((states.shape[0], facts["num_heads"], 0, facts["head_dim"]), dtype=np.float32)
-    feeds: dict[str, np.ndarray] = {
-        "encoder_hidden_states": states,
-        "encoder_attention_mask": mask.astype(np.int64),
-        **{name: empty for name in runtime.past_names},
-    }
-    session = runtime.sessions["decoder_model_merged"]
     steps = sequence.shape[-1] - 1
+    decode = runtime.decoder_steps(states, mask, steps)
     logits = []
     for step in range(steps):
         ids = sequence[:, :, step].reshape(batch * num_codebooks, 1)
-        feeds["input_ids"] = np.concatenate([ids, ids]) if guided else ids
-        feeds["use_cache_branch"] = np.array([step > 0])
-        out, *present = session.run(None, feeds)
-        feeds.update(zip(runtime.past_names, present, strict=True))
-        logits.append(out[:, -1, :].astype(np.float32))
+        logits.append(decode(np.concatenate([ids, ids]) if guided else ids, step).copy())
     rows = np.tile(generated.T, (1, batch * (2 if guided else 1)))  # [S, R]: row r is codebook r % K
     return np.stack(logits), rows
 
@@ -105,9 +95,10 @@ def compare_greedy(
     frames: int,
     reference: tuple[np.ndarray, np.ndarray],
     guidance_scale: float,
+    decoder: str = "auto",
 ) -> dict[str, float]:
     """Greedy codes of the bundle vs the PyTorch ``reference`` (audio, codes): fraction equal, max audio difference."""
-    runtime = TinyMusicianONNX(bundle, precision=precision)
+    runtime = TinyMusicianONNX(bundle, precision=precision, decoder=decoder)
     audio, codes = runtime.generate(
         list(CHECK_PROMPTS),
         frames / runtime.frame_rate,
@@ -147,7 +138,8 @@ def check_bundle(
 ) -> dict[str, tuple[str, bool]]:
     """Per precision: a summary line and whether it passed.
 
-    Passing means: teacher-forced logits within :data:`MAX_RELATIVE_ERROR` of PyTorch's (along PyTorch's greedy
+    Each precision is checked with the merged decoder and, when the bundle has it, the fast one (key
+    ``"<precision> fast"``). Passing means: teacher-forced logits within :data:`MAX_RELATIVE_ERROR` of PyTorch's (along PyTorch's greedy
     codes, through the bundle's KV-cache loop), finite audio, and for fp32 identical greedy codes.
     transformers' greedy ``generate`` and the PyTorch logits run once; every precision is compared with them.
     """
@@ -162,23 +154,25 @@ def check_bundle(
         model, tokenizer, prompts, frames, guidance_scale=guidance_scale, do_sample=False
     )
     reference_logits = torch_forced_logits(model, tokenizer, prompts, reference[1], guidance_scale)
+    has_fast = "fast_decoder" in read_manifest(Path(bundle))
     lines = {}
     for precision in precisions:
-        runtime = TinyMusicianONNX(bundle, precision=precision)
-        logits, generated = forced_logits(runtime, prompts, reference[1], guidance_scale)
-        error = relative_logit_error(reference_logits, logits, generated)
-        limit = MAX_RELATIVE_ERROR[precision]
-        result = compare_greedy(bundle, precision, frames, reference, guidance_scale)
-        line = (
-            f"teacher-forced logits vs PyTorch: relative error {error['relative_error']:.4f} "
-            f"(max {limit:g}), top-1 {error['top1_agree']:.4f}; greedy {frames} frames x {len(prompts)} "
-            f"prompts: codes equal {result['codes_equal']:.4f}, max |audio diff| "
-            f"{result['max_audio_diff']:.2e}, finite {result['finite']}"
-        )
-        ok = (
-            result["finite"]
-            and error["relative_error"] <= limit
-            and (precision != "fp32" or result["codes_equal"] == 1.0)
-        )
-        lines[precision] = (line, ok)
+        for decoder in ("merged", "fast") if has_fast else ("merged",):
+            runtime = TinyMusicianONNX(bundle, precision=precision, decoder=decoder)
+            logits, generated = forced_logits(runtime, prompts, reference[1], guidance_scale)
+            error = relative_logit_error(reference_logits, logits, generated)
+            limit = MAX_RELATIVE_ERROR[precision]
+            result = compare_greedy(bundle, precision, frames, reference, guidance_scale, decoder)
+            line = (
+                f"teacher-forced logits vs PyTorch: relative error {error['relative_error']:.4f} "
+                f"(max {limit:g}), top-1 {error['top1_agree']:.4f}; greedy {frames} frames x {len(prompts)} "
+                f"prompts: codes equal {result['codes_equal']:.4f}, max |audio diff| "
+                f"{result['max_audio_diff']:.2e}, finite {result['finite']}"
+            )
+            ok = (
+                result["finite"]
+                and error["relative_error"] <= limit
+                and (precision != "fp32" or result["codes_equal"] == 1.0)
+            )
+            lines[precision if decoder == "merged" else f"{precision} fast"] = (line, ok)
     return lines

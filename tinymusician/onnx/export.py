@@ -7,7 +7,14 @@ bundle/
   onnx/text_encoder{,_quantized,_q4}.onnx
   onnx/decoder_model_merged{,_quantized,_q4}.onnx
   onnx/encodec_decode.onnx            always fp32 (the paper keeps the codec decoder in full precision)
+  onnx/decoder_fast{,_quantized,_q4}.onnx     one step over an in-place KV cache (ONNX Runtime only)
+  onnx/decoder_text_kv{,_quantized,_q4}.onnx  the text's cross-attention keys/values, once per generation
 ```
+
+The two fast graphs (default; ``fast_decoder=False`` skips them) are what :class:`TinyMusicianONNX` steps with:
+the merged decoder (kept as it is for transformers.js) returns a concatenated copy of the whole cache at every
+step, so a step's cost grows with the clip; the fast decoder writes one position of fixed-capacity buffers in
+place (``com.microsoft.GroupQueryAttention``, see :class:`~tinymusician.onnx.graphs.FastDecoderGraph`).
 
 Suffixes are transformers.js's (``_quantized`` = its ``q8`` dtype, ``_q4`` = ``q4``), so a per-file dtype map
 such as ``{text_encoder: "q8", decoder_model_merged: "q8", encodec_decode: "fp32"}`` picks them. 8-bit is
@@ -46,8 +53,16 @@ from tinymusician.models.musicgen import (
     max_frames,
     min_frames,
 )
-from tinymusician.onnx.graphs import decoder_spec, encodec_decode_spec, export_graph, text_encoder_spec
-from tinymusician.onnx.layout import FORMAT, FORMAT_VERSION, GRAPHS, PRECISIONS, graph_file
+from tinymusician.onnx.graphs import (
+    CACHE_DTYPES,
+    decoder_spec,
+    encodec_decode_spec,
+    export_graph,
+    fast_decoder_spec,
+    text_encoder_spec,
+    text_kv_spec,
+)
+from tinymusician.onnx.layout import FAST_GRAPHS, FORMAT, FORMAT_VERSION, GRAPHS, PRECISIONS, graph_file
 from tinymusician.onnx.merge import merge_decoders
 from tinymusician.onnx.runtime import file_sha256
 
@@ -141,6 +156,16 @@ def model_facts(model: MusicgenForConditionalGeneration) -> dict[str, Any]:
     }
 
 
+def fast_decoder_facts(model: MusicgenForConditionalGeneration, cache_dtype: str) -> dict[str, Any]:
+    """manifest.json's ``fast_decoder``: its graphs, cache storage, and the attention op ONNX Runtime needs."""
+    return {
+        "graphs": list(FAST_GRAPHS),
+        "cache_dtype": cache_dtype,
+        "attention": "com.microsoft.GroupQueryAttention (past and present bound to one buffer)",
+        "max_cache_positions": int(model.decoder.config.max_position_embeddings),
+    }
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
@@ -173,12 +198,19 @@ def export_bundle(
     opset: int = DEFAULT_OPSET,
     source: str = "",
     max_text_tokens: int = 256,
+    fast_decoder: bool = True,
+    cache_dtype: str = "float32",
 ) -> dict[str, Any]:
-    """Export ``model`` into ``out_dir`` and return the manifest (also written to ``manifest.json``)."""
+    """Export ``model`` into ``out_dir`` and return the manifest (also written to ``manifest.json``).
+
+    ``fast_decoder``: also write the in-place-cache decoder graphs; ``cache_dtype`` (``float32`` or
+    ``float16``) is what their self-attention cache stores."""
     precisions = list(dict.fromkeys(precisions))
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
         raise ExportError(f"precision {unknown or precisions}: choose from {list(PRECISIONS)}")
+    if cache_dtype not in CACHE_DTYPES:
+        raise ExportError(f"cache_dtype={cache_dtype!r}: choose from {list(CACHE_DTYPES)}")
     if model.config.decoder.audio_channels != 1:
         raise ExportError("stereo MusicGen is not supported by the exporter (transformers.js decodes mono)")
     if not getattr(tokenizer, "is_fast", False):
@@ -203,14 +235,20 @@ def export_bundle(
 
     with tempfile.TemporaryDirectory() as scratch:
         traced = {}
-        for name, spec in (
-            ("text_encoder", text_encoder_spec(model)),
-            ("decoder_first", decoder_spec(model, with_past=False)),
-            ("decoder_cached", decoder_spec(model, with_past=True)),
-            ("encodec_decode", encodec_decode_spec(model)),
-        ):
+        specs = [
+            ("text_encoder", text_encoder_spec),
+            ("decoder_first", lambda m: decoder_spec(m, with_past=False)),
+            ("decoder_cached", lambda m: decoder_spec(m, with_past=True)),
+            ("encodec_decode", encodec_decode_spec),
+        ]
+        if fast_decoder:
+            specs += [
+                ("decoder_fast", lambda m: fast_decoder_spec(m, cache_dtype)),
+                ("decoder_text_kv", text_kv_spec),
+            ]
+        for name, spec in specs:
             log.info("tracing %s", name)
-            traced[name] = export_graph(spec, Path(scratch, f"{name}.onnx"), opset)
+            traced[name] = export_graph(spec(model), Path(scratch, f"{name}.onnx"), opset)
         record("encodec_decode", "fp32", onnx.load(traced["encodec_decode"]))
         for precision in precisions:
             log.info("writing %s graphs", precision)
@@ -219,6 +257,8 @@ def export_bundle(
             first = quantize(onnx.load(traced["decoder_first"]))
             cached = quantize(onnx.load(traced["decoder_cached"]))
             record("decoder_model_merged", precision, merge_decoders(first, cached))
+            for graph in FAST_GRAPHS if fast_decoder else ():
+                record(graph, precision, quantize(onnx.load(traced[graph])))
     for relative, entry in files.items():
         entry["sha256"] = file_sha256(out / relative)
 
@@ -234,9 +274,10 @@ def export_bundle(
         "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
         "precisions": precisions,
         "quantization": {p: QUANTIZATION[p] for p in precisions if p in QUANTIZATION},
-        "graphs": list(GRAPHS),
+        "graphs": [*GRAPHS, *(FAST_GRAPHS if fast_decoder else ())],
         "files": files,
         "model": model_facts(model),
+        **({"fast_decoder": fast_decoder_facts(model, cache_dtype)} if fast_decoder else {}),
         # a guidance-distilled student generates in one pass by default (the runtime reads default_scale)
         "guidance": {
             "distilled_scale": guidance_distilled_scale(model),

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import MusicgenForConditionalGeneration
 from transformers.cache_utils import EncoderDecoderCache
 
-from tinymusician.onnx.layout import past_names
+from tinymusician.onnx.layout import FAST_DECODER_INPUTS, cache_names, past_names, text_kv_names
 
 
 def text_projection(model: MusicgenForConditionalGeneration) -> nn.Module | None:
@@ -140,6 +140,52 @@ class LeanDecoderGraph(nn.Module):
         out = torch.matmul(probs, value).transpose(1, 2)
         return out.reshape(query.shape)
 
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``(B*K, T)`` codes -> summed codebook embeddings + the sinusoidal positions ``[T, width]``."""
+        codes = input_ids.reshape(-1, self.num_codebooks, input_ids.shape[-1])
+        return sum(self.embed_tokens[k](codes[:, k]) for k in range(self.num_codebooks)) + positions
+
+    def text_masks(
+        self, encoder_attention_mask: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, ...]:
+        """The additive cross-attention mask and, per row, whether any text is visible.
+
+        Text padding is masked out of cross-attention; a fully masked row (the unconditional half of guidance)
+        gets a zero output, as torch's SDPA gives (its cached keys/values are zero anyway)."""
+        visible = encoder_attention_mask[:, None, None, :].to(dtype)
+        has_text = (visible.sum(-1, keepdim=True) > 0).to(dtype)
+        return (1.0 - visible) * torch.finfo(dtype).min, has_text
+
+    def text_kv(self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor) -> list:
+        """Every layer's cross-attention keys and values of the (projected, masked) text, computed once."""
+        text = encoder_hidden_states
+        if self.enc_to_dec_proj is not None:
+            text = self.enc_to_dec_proj(text)
+        text = text * encoder_attention_mask[..., None].to(text.dtype)
+        kv = []
+        for index in range(len(self.layers)):
+            key, value = torch.nn.functional.linear(text, self.cross_kv[index]).chunk(2, dim=-1)
+            kv += [self._split_heads(key), self._split_heads(value)]
+        return kv
+
+    def rest_of_layer(
+        self, index: int, hidden: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor], masks: tuple
+    ) -> torch.Tensor:
+        """Cross-attention over the text and the MLP of layer ``index`` (after its self-attention)."""
+        layer = self.layers[index]
+        x = layer.encoder_attn_layer_norm(hidden)
+        attended = self._attend(layer.encoder_attn.q_proj(x), *cross, *masks)
+        hidden = hidden + layer.encoder_attn.out_proj(attended)
+        x = layer.final_layer_norm(hidden)
+        return hidden + layer.fc2(layer.activation_fn(layer.fc1(x)))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The K codebook heads, in HF's ``(B*K, T, V)`` layout."""
+        logits = torch.nn.functional.linear(self.layer_norm(hidden), self.heads)  # [B, T, K * V]
+        batch, length = logits.shape[:2]
+        logits = logits.view(batch, length, self.num_codebooks, -1).transpose(1, 2)
+        return logits.reshape(batch * self.num_codebooks, length, -1)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -147,26 +193,17 @@ class LeanDecoderGraph(nn.Module):
         encoder_attention_mask: torch.Tensor,
         *past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        codes = input_ids.reshape(-1, self.num_codebooks, input_ids.shape[-1])
-        length = codes.shape[-1]
-        hidden = sum(self.embed_tokens[k](codes[:, k]) for k in range(self.num_codebooks))
+        length = input_ids.shape[-1]
         past_len = past[0].shape[2] if self.with_past else 0
-        hidden = hidden + self.positions[past_len : past_len + length]
+        hidden = self.embed(input_ids, self.positions[past_len : past_len + length])
         lowest = torch.finfo(hidden.dtype).min
         # new token i may see cache positions <= past_len + i
         key_pos = torch.arange(past_len + length)
         query_pos = torch.arange(length)[:, None] + past_len
         self_mask = torch.where(key_pos[None, :] <= query_pos, 0.0, lowest)[None, None]
-        # text padding is masked out of cross-attention; a fully masked row (the unconditional half of
-        # guidance) gets a zero output, as torch's SDPA gives (its cached keys/values are zero anyway)
-        visible = encoder_attention_mask[:, None, None, :].to(hidden.dtype)
-        text_mask = (1.0 - visible) * lowest
-        has_text = (visible.sum(-1, keepdim=True) > 0).to(hidden.dtype)
+        masks = self.text_masks(encoder_attention_mask, hidden.dtype)
         if not self.with_past:
-            text = encoder_hidden_states
-            if self.enc_to_dec_proj is not None:
-                text = self.enc_to_dec_proj(text)
-            text = text * encoder_attention_mask[..., None].to(text.dtype)
+            text_kv = self.text_kv(encoder_hidden_states, encoder_attention_mask)
         present: list[torch.Tensor] = []
         for index, layer in enumerate(self.layers):
             x = layer.self_attn_layer_norm(hidden)
@@ -175,23 +212,124 @@ class LeanDecoderGraph(nn.Module):
             if self.with_past:
                 key = torch.cat([past[4 * index], key], dim=2)
                 value = torch.cat([past[4 * index + 1], value], dim=2)
-                cross_key, cross_value = past[4 * index + 2], past[4 * index + 3]
+                cross = past[4 * index + 2], past[4 * index + 3]
             else:
-                cross_key, cross_value = torch.nn.functional.linear(text, self.cross_kv[index]).chunk(
-                    2, dim=-1
-                )
-                cross_key, cross_value = self._split_heads(cross_key), self._split_heads(cross_value)
+                cross = text_kv[2 * index], text_kv[2 * index + 1]
             hidden = hidden + layer.self_attn.out_proj(self._attend(query, key, value, self_mask))
-            x = layer.encoder_attn_layer_norm(hidden)
-            attended = self._attend(layer.encoder_attn.q_proj(x), cross_key, cross_value, text_mask, has_text)
-            hidden = hidden + layer.encoder_attn.out_proj(attended)
-            x = layer.final_layer_norm(hidden)
-            hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(x)))
-            present += [key, value, cross_key, cross_value]
-        logits = torch.nn.functional.linear(self.layer_norm(hidden), self.heads)  # [B, T, K * V]
-        batch = logits.shape[0]
-        logits = logits.view(batch, length, self.num_codebooks, -1).transpose(1, 2)
-        return (logits.reshape(batch * self.num_codebooks, length, -1), *present)
+            hidden = self.rest_of_layer(index, hidden, cross, masks)
+            present += [key, value, *cross]
+        return (self.logits(hidden), *present)
+
+
+class InPlaceAttention(torch.autograd.Function):
+    """Causal self-attention of new tokens over a fixed-capacity cache that is written in place.
+
+    Exported as ONNX Runtime's ``com.microsoft.GroupQueryAttention`` (kv heads = heads: MusicGen's plain
+    multi-head attention): the new keys/values go to position ``seqlens_k + 1 - length`` of ``past_*``, and the
+    product reads only the first ``total_length`` positions. When ``present_*`` is bound to the same buffer
+    as ``past_*`` (IO binding), ONNX Runtime copies nothing: the step no longer concatenates and re-reads a
+    growing cache. ``forward`` is the same math in torch (a reference; the exporter uses ``symbolic``).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads: int):  # noqa: ANN001, ANN205
+        batch, length, width = query.shape
+        head_dim = width // num_heads
+        start = int(seqlens_k[0]) + 1 - length
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, length, num_heads, head_dim).transpose(1, 2)
+
+        present_key, present_value = past_key.clone(), past_value.clone()
+        present_key[:, :, start : start + length] = split(key).to(past_key.dtype)
+        present_value[:, :, start : start + length] = split(value).to(past_value.dtype)
+        keys = present_key[:, :, : start + length].to(query.dtype)
+        values = present_value[:, :, : start + length].to(query.dtype)
+        scores = torch.matmul(split(query), keys.transpose(2, 3)) * head_dim**-0.5
+        visible = torch.arange(start + length)[None, :] <= torch.arange(length)[:, None] + start
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+        out = torch.matmul(torch.softmax(scores, dim=-1), values).transpose(1, 2)
+        return out.reshape(batch, length, width), present_key, present_value
+
+    @staticmethod
+    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads):  # noqa: ANN001, ANN205
+        out, present_key, present_value = g.op(
+            "com.microsoft::GroupQueryAttention",
+            query,
+            key,
+            value,
+            past_key,
+            past_value,
+            seqlens_k,
+            total_length,
+            num_heads_i=num_heads,
+            kv_num_heads_i=num_heads,
+            outputs=3,
+        )
+        out.setType(query.type())
+        present_key.setType(past_key.type())
+        present_value.setType(past_value.type())
+        return out, present_key, present_value
+
+
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+class FastDecoderGraph(LeanDecoderGraph):
+    """One decoding step (one new frame per row) over a fixed-capacity self-attention cache updated in place.
+
+    Beside the merged decoder (transformers.js's layout, which returns a concatenated copy of the cache at
+    every step), this graph takes each layer's self-attention cache as a ``[B, H, capacity, D]`` buffer that
+    the runtime binds as both input and output, and the text's cross-attention keys/values as inputs, computed
+    once by :class:`TextKVGraph`. ``seqlens_k`` (int32 ``[B]``) is the number of cached positions (= the new
+    frame's position), ``total_sequence_length`` (int32 scalar) that + 1. ``cache_dtype=float16`` stores the
+    cache in half precision (half the bytes each step reads; attention then runs in fp16).
+    """
+
+    def __init__(self, model: MusicgenForConditionalGeneration, cache_dtype: str = "float32") -> None:
+        super().__init__(model, with_past=True)
+        if cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype={cache_dtype!r}: choose from {list(CACHE_DTYPES)}")
+        self.cache_dtype = CACHE_DTYPES[cache_dtype]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+        seqlens_k: torch.Tensor,
+        total_sequence_length: torch.Tensor,
+        *caches: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        num_layers = len(self.layers)
+        own, cross = caches[: 2 * num_layers], caches[2 * num_layers :]
+        position = self.positions.index_select(0, seqlens_k[:1].long())
+        hidden = self.embed(input_ids, position)
+        masks = self.text_masks(encoder_attention_mask, hidden.dtype)
+        present: list[torch.Tensor] = []
+        for index, layer in enumerate(self.layers):
+            x = layer.self_attn_layer_norm(hidden)
+            query, key, value = torch.nn.functional.linear(x, self.self_qkv[index]).chunk(3, dim=-1)
+            if self.cache_dtype != torch.float32:
+                query, key, value = (t.to(self.cache_dtype) for t in (query, key, value))
+            attended, *cache = InPlaceAttention.apply(
+                query, key, value, own[2 * index], own[2 * index + 1], seqlens_k, total_sequence_length,
+                self.num_heads,
+            )  # fmt: skip
+            hidden = hidden + layer.self_attn.out_proj(attended.to(hidden.dtype))
+            hidden = self.rest_of_layer(index, hidden, (cross[2 * index], cross[2 * index + 1]), masks)
+            present += cache
+        return (self.logits(hidden), *present)
+
+
+class TextKVGraph(LeanDecoderGraph):
+    """``encoder_hidden_states``, ``encoder_attention_mask`` -> every layer's cross-attention keys and values,
+    once per generation, for :class:`FastDecoderGraph`."""
+
+    def __init__(self, model: MusicgenForConditionalGeneration) -> None:
+        super().__init__(model, with_past=False)
+
+    def forward(self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor) -> tuple:
+        return tuple(self.text_kv(encoder_hidden_states, encoder_attention_mask))
 
 
 class EncodecDecodeGraph(nn.Module):
@@ -264,6 +402,65 @@ def decoder_spec(model: MusicgenForConditionalGeneration, with_past: bool) -> Gr
         tuple(args),
         names,
         ["logits", *past_names(num_layers, "present")],
+        axes,
+    )
+
+
+def text_kv_spec(model: MusicgenForConditionalGeneration) -> GraphSpec:
+    config = model.decoder.config
+    batch, text_len = 2, 5
+    text_mask = torch.ones(batch, text_len, dtype=torch.long)
+    text_mask[1, 3:] = 0
+    names = text_kv_names(config.num_hidden_layers)
+    row = {0: "batch_size", 1: "encoder_sequence_length"}
+    return GraphSpec(
+        TextKVGraph(model),
+        (torch.randn(batch, text_len, model.text_encoder.config.hidden_size), text_mask),
+        ["encoder_hidden_states", "encoder_attention_mask"],
+        names,
+        {
+            "encoder_hidden_states": row,
+            "encoder_attention_mask": row,
+            **{name: {0: "batch_size", 2: "encoder_sequence_length"} for name in names},
+        },
+    )
+
+
+def fast_decoder_spec(model: MusicgenForConditionalGeneration, cache_dtype: str = "float32") -> GraphSpec:
+    """Example: batch 2, text 5 (padded), a cache of capacity 6 holding 3 positions."""
+    config = model.decoder.config
+    heads, num_layers = config.num_attention_heads, config.num_hidden_layers
+    head_dim = config.hidden_size // heads
+    batch, text_len, capacity, cached = 2, 5, 6, 3
+    text_mask = torch.ones(batch, text_len, dtype=torch.long)
+    text_mask[1, 3:] = 0
+    graph = FastDecoderGraph(model, cache_dtype)
+    own = [
+        torch.zeros(batch, heads, capacity, head_dim, dtype=graph.cache_dtype) for _ in range(2 * num_layers)
+    ]
+    cross = [torch.randn(batch, heads, text_len, head_dim) for _ in range(2 * num_layers)]
+    args = (
+        torch.randint(0, config.vocab_size, (batch * config.num_codebooks, 1)),
+        text_mask,
+        torch.full((batch,), cached, dtype=torch.int32),
+        torch.tensor(cached + 1, dtype=torch.int32),
+        *own,
+        *cross,
+    )
+    cache_in, cache_out = cache_names(num_layers), cache_names(num_layers, "present")
+    axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: "batch_size_x_num_codebooks"},
+        "encoder_attention_mask": {0: "batch_size", 1: "encoder_sequence_length"},
+        "seqlens_k": {0: "batch_size"},
+        "logits": {0: "batch_size_x_num_codebooks"},
+        **{name: {0: "batch_size", 2: "cache_capacity"} for name in cache_in + cache_out},
+        **{name: {0: "batch_size", 2: "encoder_sequence_length"} for name in text_kv_names(num_layers)},
+    }
+    return GraphSpec(
+        graph,
+        args,
+        [*FAST_DECODER_INPUTS, *cache_in, *text_kv_names(num_layers)],
+        ["logits", *cache_out],
         axes,
     )
 

@@ -11,7 +11,11 @@ FORMAT_VERSION = 1  # what the exporter writes
 FORMAT_VERSIONS = (1,)  # manifest.json format_version values the runtime reads
 
 GRAPHS = ("text_encoder", "decoder_model_merged", "encodec_decode")
-QUANTIZABLE = ("text_encoder", "decoder_model_merged")  # encodec_decode stays fp32
+# The fast decoder (one step over an in-place self-attention cache) and the graph giving it the text's keys and
+# values; optional: manifest.json's "fast_decoder" says whether a bundle has them (transformers.js ignores them)
+FAST_GRAPHS = ("decoder_fast", "decoder_text_kv")
+FAST_DECODER_INPUTS = ("input_ids", "encoder_attention_mask", "seqlens_k", "total_sequence_length")
+QUANTIZABLE = ("text_encoder", "decoder_model_merged", *FAST_GRAPHS)  # encodec_decode stays fp32
 # precision -> graph file suffix (benchmarks/bench_onnx.py adds a comparison precision in its own process)
 PRECISIONS = {"fp32": "", "int8": "_quantized", "int4": "_q4"}
 
@@ -28,3 +32,14 @@ def graph_file(graph: str, precision: str) -> str:
 def past_names(num_layers: int, prefix: str = "past_key_values") -> list[str]:
     """``past_key_values.{i}.decoder.key`` ... in the order the decoder graph takes (and returns) them."""
     return [f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in PAST_KINDS]
+
+
+def cache_names(num_layers: int, prefix: str = "past_key_values") -> list[str]:
+    """The fast decoder's self-attention buffers, ``past_key_values.{i}.decoder.key|value`` (in = out buffer)."""
+    return [name for name in past_names(num_layers, prefix) if ".decoder." in name]
+
+
+def text_kv_names(num_layers: int) -> list[str]:
+    """The text's cross-attention keys/values: ``past_key_values.{i}.encoder.key|value``, as the merged decoder
+    names its cached ones."""
+    return [name for name in past_names(num_layers) if ".encoder." in name]

@@ -33,12 +33,16 @@ import numpy as np
 from tinymusician.models.generation import GenerationError
 from tinymusician.onnx.layout import (
     DECODER_INPUTS,
+    FAST_DECODER_INPUTS,
+    FAST_GRAPHS,
     FORMAT,
     FORMAT_VERSIONS,
     GRAPHS,
     PRECISIONS,
+    cache_names,
     graph_file,
     past_names,
+    text_kv_names,
 )
 
 log = logging.getLogger(__name__)
@@ -314,6 +318,47 @@ def resolve_precisions(precision: str | Mapping[str, str]) -> dict[str, str]:
     return chosen
 
 
+class FastDecoderSteps:
+    """The fast decoder's loop state: the text's keys/values (computed once by ``decoder_text_kv``) and one
+    ``[R, H, capacity, D]`` buffer per layer's self-attention keys and values, bound as both input and output
+    of ``decoder_fast`` (ONNX Runtime IO binding), so each step writes one position in place and copies
+    nothing. Capacity = the generation's steps (<= the position table, checked by ``frames_for``)."""
+
+    def __init__(self, runtime: TinyMusicianONNX, states: np.ndarray, mask: np.ndarray, steps: int) -> None:
+        ort, facts = runtime._ort, runtime.facts
+        num_layers, rows = facts["num_layers"], states.shape[0]
+        self.session = runtime.sessions["decoder_fast"]
+        text_kv = runtime.sessions["decoder_text_kv"].run(
+            text_kv_names(num_layers), {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+        )
+        cache_type = next(i.type for i in self.session.get_inputs() if i.name == cache_names(num_layers)[0])
+        dtype = np.float16 if cache_type == "tensor(float16)" else np.float32
+        shape = (rows, facts["num_heads"], steps, facts["head_dim"])
+        self.keep = [mask, *text_kv]  # the binding reads these arrays' memory: keep them alive
+        self.binding = binding = self.session.io_binding()
+        binding.bind_cpu_input("encoder_attention_mask", mask)
+        for name, value in zip(text_kv_names(num_layers), text_kv, strict=True):
+            binding.bind_cpu_input(name, value)
+        for name, out_name in zip(cache_names(num_layers), cache_names(num_layers, "present"), strict=True):
+            buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype))
+            self.keep.append(buffer)
+            binding.bind_ortvalue_input(name, buffer)
+            binding.bind_ortvalue_output(out_name, buffer)
+        self.logits = np.zeros((rows * facts["num_codebooks"], 1, facts["vocab_size"]), np.float32)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        self.rows, self.capacity = rows, steps
+
+    def __call__(self, ids: np.ndarray, step: int) -> np.ndarray:
+        if not 0 <= step < self.capacity:
+            raise GenerationError(f"decoder step {step} is outside the cache's {self.capacity} positions")
+        binding = self.binding
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("seqlens_k", np.full(self.rows, step, dtype=np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(step + 1, dtype=np.int32))
+        self.session.run_with_iobinding(binding)
+        return self.logits[:, -1, :]
+
+
 class TinyMusicianONNX:
     """A loaded bundle: three ONNX Runtime sessions, the tokenizer and the facts from ``manifest.json``.
 
@@ -322,6 +367,9 @@ class TinyMusicianONNX:
     ``verify`` (default on): each graph file's sha256 must match ``manifest.json``; a file is hashed once and
     remembered in the cache dir while it is unchanged (:func:`check_files`). ``verify=False`` checks sizes only;
     ``verify_hashes=True`` re-hashes even files verified before.
+    ``decoder``: ``"auto"`` (default) steps with the fast decoder (in-place KV cache) when the bundle has it for
+    the decoder's precision, else with ``decoder_model_merged`` (transformers.js's graph); ``"fast"`` or
+    ``"merged"`` insist. Both give the same codes (fp32: equal; tests/onnx/test_fast_decoder.py).
     """
 
     def __init__(
@@ -332,9 +380,12 @@ class TinyMusicianONNX:
         threads: int | None = None,
         verify: bool = True,
         verify_hashes: bool = False,
+        decoder: str = "auto",
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
+
+        self._ort = ort
 
         self.bundle = Path(bundle).expanduser()
         self.manifest = read_manifest(self.bundle)
@@ -344,7 +395,11 @@ class TinyMusicianONNX:
         self.default_guidance_scale = float((self.manifest.get("guidance") or {}).get("default_scale", 3.0))
         exported = self.manifest["precisions"]
         self.precisions = resolve_precisions(precision or ("fp32" if "fp32" in exported else exported[0]))
+        self.decoder = self.choose_decoder(decoder)
         files = {g: graph_file(g, p) for g, p in self.precisions.items()}
+        if self.decoder == "fast":  # the merged decoder is not loaded (memory): the fast graphs replace it
+            del files["decoder_model_merged"]
+            files |= {g: graph_file(g, self.precisions["decoder_model_merged"]) for g in FAST_GRAPHS}
         check_files(
             self.bundle, self.manifest, list(files.values()), verify or verify_hashes, rehash=verify_hashes
         )
@@ -429,13 +484,32 @@ class TinyMusicianONNX:
                 f"{least}; {fix}"
             )
 
+    def choose_decoder(self, decoder: str) -> str:
+        """``"fast"`` or ``"merged"``: which decoder graph steps (see the class docstring)."""
+        if decoder not in ("auto", "fast", "merged"):
+            raise BundleError(f"decoder={decoder!r}: choose from 'auto', 'fast', 'merged'")
+        precision = self.precisions["decoder_model_merged"]
+        has_fast = all(graph_file(g, precision) in self.manifest["files"] for g in FAST_GRAPHS)
+        if decoder == "fast" and not has_fast:
+            raise BundleError(
+                f"{self.bundle}: has no fast decoder in {precision} (manifest.json lists no "
+                f"{graph_file(FAST_GRAPHS[0], precision)}; exported with --no-fast-decoder or before it "
+                f"existed); use decoder='merged', or {REEXPORT}"
+            )
+        return "fast" if decoder == "fast" or (decoder == "auto" and has_fast) else "merged"
+
     def check_graphs(self) -> None:
-        decoder = self.sessions["decoder_model_merged"]
+        num_layers = self.facts["num_layers"]
+        if self.decoder == "fast":
+            graph = "decoder_fast"
+            expected = {*FAST_DECODER_INPUTS, *cache_names(num_layers), *text_kv_names(num_layers)}
+        else:
+            graph, expected = "decoder_model_merged", set(DECODER_INPUTS) | set(self.past_names)
+        decoder = self.sessions[graph]
         names = {i.name for i in decoder.get_inputs()}
-        expected = set(DECODER_INPUTS) | set(self.past_names)
         if names != expected:
             raise BundleError(
-                f"{self.bundle}: decoder_model_merged inputs differ from this bundle's manifest "
+                f"{self.bundle}: {graph} inputs differ from this bundle's manifest "
                 f"(missing {sorted(expected - names)[:4]}, unexpected {sorted(names - expected)[:4]}); {REEXPORT}"
             )
         heads = next(i.shape[1] for i in decoder.get_inputs() if i.name == self.past_names[0])
@@ -527,6 +601,33 @@ class TinyMusicianONNX:
                 on_step(step, steps)
         return undelay(sequence, frames)
 
+    def decoder_steps(
+        self, text_states: np.ndarray, text_mask: np.ndarray, steps: int
+    ) -> Callable[[np.ndarray, int], np.ndarray]:
+        """A decoder over ``steps`` positions for these text rows: ``decode(ids [R, 1], step) -> logits [R, V]``
+        (fp32; R = text rows x K), called for step 0, 1, ... in turn. The returned array may be reused by the
+        next call: copy what you keep."""
+        states, mask = text_states.astype(np.float32), text_mask.astype(np.int64)
+        if self.decoder == "fast":
+            return FastDecoderSteps(self, states, mask, steps)
+        rows = states.shape[0]
+        empty = np.zeros((rows, self.facts["num_heads"], 0, self.facts["head_dim"]), dtype=np.float32)
+        feeds: dict[str, np.ndarray] = {
+            "encoder_hidden_states": states,
+            "encoder_attention_mask": mask,
+            **{name: empty for name in self.past_names},
+        }
+        session = self.sessions["decoder_model_merged"]
+
+        def decode(ids: np.ndarray, step: int) -> np.ndarray:
+            feeds["input_ids"] = ids
+            feeds["use_cache_branch"] = np.array([step > 0])
+            logits, *present = session.run(None, feeds)
+            feeds.update(zip(self.past_names, present, strict=True))  # the concatenated (copied) cache
+            return logits[:, -1, :].astype(np.float32)
+
+        return decode
+
     def code_steps(
         self,
         text_states: np.ndarray,
@@ -556,23 +657,11 @@ class TinyMusicianONNX:
         sequence = np.full((batch, num_codebooks, pattern.shape[1]), pad, dtype=np.int64)
         # position 0 holds the start token (MusicGen's decoder_start_token_id is its pad id, as the pattern says)
         sequence[:, :, 0] = facts["decoder_start_token_id"]
-        rows = text_states.shape[0]
-        empty = np.zeros((rows, facts["num_heads"], 0, facts["head_dim"]), dtype=np.float32)
-        feeds: dict[str, np.ndarray] = {
-            "encoder_hidden_states": text_states.astype(np.float32),
-            "encoder_attention_mask": text_mask.astype(np.int64),
-            **{name: empty for name in self.past_names},
-        }
-        session = self.sessions["decoder_model_merged"]
         steps = pattern.shape[1] - 1
+        decode = self.decoder_steps(text_states, text_mask, steps)
         for step in range(steps):
             ids = sequence[:, :, step].reshape(batch * num_codebooks, 1)
-            feeds["input_ids"] = np.concatenate([ids, ids]) if guided else ids
-            feeds["use_cache_branch"] = np.array([step > 0])
-            logits, *present = session.run(None, feeds)
-            for name, value in zip(self.past_names, present, strict=True):
-                feeds[name] = value
-            scores = logits[:, -1, :].astype(np.float32)
+            scores = decode(np.concatenate([ids, ids]) if guided else ids, step)
             if guided:
                 cond, uncond = scores[: batch * num_codebooks], scores[batch * num_codebooks :]
                 scores = uncond + (cond - uncond) * np.float32(guidance_scale)
