@@ -33,6 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_argument(parser)
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--max-text-tokens", type=int, default=256, help="longer prompts are truncated")
+    parser.add_argument(
+        "--no-fast-decoder",
+        action="store_true",
+        help="skip the in-place KV-cache decoder graphs (ONNX Runtime's fast path; transformers.js ignores them)",
+    )
+    parser.add_argument(
+        "--cache-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="what the fast decoder's self-attention cache stores (float16: half the bytes per step)",
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the parity and generation check")
     return parser
 
@@ -57,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             opset=args.opset,
             source=description,
             max_text_tokens=args.max_text_tokens,
+            fast_decoder=not args.no_fast_decoder,
+            cache_dtype=args.cache_dtype,
         )
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -112,9 +112,15 @@ def run_torch(args: argparse.Namespace) -> tuple[np.ndarray, int, dict[str, floa
 
 
 def load_bundle(args: argparse.Namespace) -> TinyMusicianONNX:
-    return TinyMusicianONNX(
-        args.model, precision=args.precision, threads=args.threads, verify=not args.no_verify
+    model = TinyMusicianONNX(
+        args.model,
+        precision=args.precision,
+        threads=args.threads,
+        verify=not args.no_verify,
+        decoder=args.decoder,
     )
+    log.info("ONNX Runtime backend: %s (%s, %s decoder)", args.model, model.precisions, model.decoder)
+    return model
 
 
 def run_stream(args: argparse.Namespace) -> tuple[list[Path], int, dict[str, float]]:
@@ -140,7 +146,6 @@ def run_stream(args: argparse.Namespace) -> tuple[list[Path], int, dict[str, flo
 
 def run_onnx(args: argparse.Namespace) -> tuple[np.ndarray, int, dict[str, float]]:
     model = load_bundle(args)
-    log.info("ONNX Runtime backend: %s (%s)", args.model, model.precisions)
     audio = model.generate(
         args.prompts,
         args.seconds,
@@ -176,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-verify",
         action="store_true",
         help="bundle only: check graph sizes but not their sha256 (hashed once per file and remembered)",
+    )
+    parser.add_argument(
+        "--decoder",
+        default="auto",
+        choices=["auto", "fast", "merged"],
+        help="bundle only: the in-place KV-cache decoder (fast, default when exported) or transformers.js's merged one",
     )
     parser.add_argument(
         "--stream",

@@ -25,6 +25,28 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@contextmanager
+def decoder_calls(runtime) -> Iterator[list[int]]:
+    """Record the rows of ``input_ids`` of every decoder step the runtime takes (either decoder graph)."""
+    rows: list[int] = []
+    make = runtime.decoder_steps
+
+    def counting(*args, **kwargs):
+        decode = make(*args, **kwargs)
+
+        def step(ids, position):
+            rows.append(ids.shape[0])
+            return decode(ids, position)
+
+        return step
+
+    runtime.decoder_steps = counting
+    try:
+        yield rows
+    finally:
+        del runtime.decoder_steps  # back to the class's method
+
+
 @pytest.fixture(scope="session")
 def bundle(tiny_pair, tmp_path_factory) -> Path:
     """The fast tiny student (k-means codebooks, so codes matter) exported in fp32, int8 and int4."""

@@ -17,7 +17,7 @@ import pytest
 from tinymusician.onnx import runtime
 from tinymusician.onnx.runtime import BundleError, TinyMusicianONNX
 
-DECODER = "onnx/decoder_model_merged.onnx"
+DECODER = "onnx/decoder_fast.onnx"  # the decoder the runtime loads by default
 
 
 @pytest.fixture(scope="session")
@@ -75,11 +75,11 @@ def run_generate(bundle: Path, *extra: str, cache: Path) -> subprocess.Completed
 # --- D5: same-size corruption -----------------------------------------------------------------------------
 def test_same_size_corruption_of_the_decoder_fails_by_default(bundle, tmp_path):
     corrupt_a_weight(bundle / DECODER)
-    with pytest.raises(BundleError, match=r"decoder_model_merged.onnx: sha256 differs from manifest.json"):
+    with pytest.raises(BundleError, match=r"decoder_fast.onnx: sha256 differs from manifest.json"):
         TinyMusicianONNX(bundle)
     result = run_generate(bundle, cache=tmp_path / "cache")
     assert result.returncode == 2, result.stderr
-    assert "error:" in result.stderr and "decoder_model_merged.onnx: sha256" in result.stderr
+    assert "error:" in result.stderr and "decoder_fast.onnx: sha256" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "a.wav").exists()
     # the documented opt-out: sizes only, so the damaged graph runs
     skipped = run_generate(bundle, "--no-verify", cache=tmp_path / "cache")
@@ -89,7 +89,7 @@ def test_same_size_corruption_of_the_decoder_fails_by_default(bundle, tmp_path):
 def test_a_verified_file_is_hashed_once_until_it_changes(bundle, tmp_path, monkeypatch):
     TinyMusicianONNX(bundle)  # first load hashes and remembers
     remembered = json.loads((tmp_path / "cache" / runtime.VERIFIED_FILE).read_text())
-    assert str((bundle / DECODER).resolve()) in remembered and len(remembered) == 3
+    assert str((bundle / DECODER).resolve()) in remembered and len(remembered) == 4  # the graphs it loads
 
     def no_hashing(path):
         raise AssertionError(f"{path} hashed again")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.onnx.conftest import one_torch_thread
+from tests.onnx.conftest import decoder_calls, one_torch_thread
 from tinymusician.models.generation import torch_generate
 from tinymusician.models.musicgen import load_musicgen, load_tokenizer, set_guidance_distilled
 from tinymusician.onnx.export import export_bundle
@@ -18,19 +18,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def decoder_rows(runtime: TinyMusicianONNX, **kwargs) -> list[int]:
     """The rows of input_ids of each decoder call of one generation."""
-    session = runtime.sessions["decoder_model_merged"]
-    rows: list[int] = []
-
-    class Counting:
-        def run(self, names, feeds):
-            rows.append(feeds["input_ids"].shape[0])
-            return session.run(names, feeds)
-
-    runtime.sessions["decoder_model_merged"] = Counting()
-    try:
+    with decoder_calls(runtime) as rows:
         runtime.generate("a tune", 0.2, seed=0, **kwargs)
-    finally:
-        runtime.sessions["decoder_model_merged"] = session
     return rows
 
 

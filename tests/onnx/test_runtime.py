@@ -169,10 +169,14 @@ def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
 
 def test_missing_or_replaced_files_fail_clearly(bundle, tmp_path, student):
     broken = copy_bundle(bundle, tmp_path)
+    (broken / "onnx" / "decoder_fast_quantized.onnx").unlink()
+    with pytest.raises(BundleError, match="decoder_fast_quantized.onnx: missing"):
+        TinyMusicianONNX(broken, precision="int8")
+    TinyMusicianONNX(broken, precision="int8", decoder="merged")  # the merged decoder does not need it
+    TinyMusicianONNX(broken, precision="fp32")  # the other precision still loads
     (broken / "onnx" / "decoder_model_merged_quantized.onnx").unlink()
     with pytest.raises(BundleError, match="decoder_model_merged_quantized.onnx: missing"):
-        TinyMusicianONNX(broken, precision="int8")
-    TinyMusicianONNX(broken, precision="fp32")  # the other precision still loads
+        TinyMusicianONNX(broken, precision="int8", decoder="merged")
 
     truncated = broken / "onnx" / "encodec_decode.onnx"
     truncated.write_bytes(truncated.read_bytes()[:1000])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from tests.onnx.conftest import decoder_calls
 from tinymusician.generate import main as generate_main
 from tinymusician.onnx.runtime import STREAM_LOOKAHEAD_FRAMES, GenerationError, TinyMusicianONNX
 
@@ -39,22 +40,11 @@ def test_without_context_and_lookahead_the_seams_are_wrong(runtime):
 
 
 def test_the_first_chunk_comes_before_the_codes_are_done(runtime):
-    session = runtime.sessions["decoder_model_merged"]
-    calls: list[int] = []
-
-    class Counting:
-        def run(self, names, feeds):
-            calls.append(1)
-            return session.run(names, feeds)
-
-    runtime.sessions["decoder_model_merged"] = Counting()
-    try:
+    with decoder_calls(runtime) as calls:
         stream = runtime.stream(PROMPTS[:1], 3.0, chunk_seconds=0.5, do_sample=False)
         next(stream)
         at_first_chunk = len(calls)
         list(stream)
-    finally:
-        runtime.sessions["decoder_model_merged"] = session
     codebooks = runtime.facts["num_codebooks"]
     # 25 frames of the chunk + the lookahead, each written in every codebook (the delay adds K - 1 steps)
     assert at_first_chunk == 25 + STREAM_LOOKAHEAD_FRAMES + codebooks - 1 < len(calls) == 150 + codebooks - 1

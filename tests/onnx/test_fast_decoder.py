@@ -1,0 +1,157 @@
+"""The fast decoder (one step over an in-place KV cache) against the merged decoder and transformers: equal
+greedy codes (fp32), the same logits along fixed codes (every precision, fp16 cache included), the cache
+written in place and equal to the merged decoder's concatenated one, its limits, and bundles without it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tinymusician.generate import main as generate_main
+from tinymusician.models.generation import torch_generate
+from tinymusician.models.musicgen import load_musicgen, load_tokenizer
+from tinymusician.onnx.check import forced_logits, relative_logit_error
+from tinymusician.onnx.export import export_bundle
+from tinymusician.onnx.layout import cache_names, past_names
+from tinymusician.onnx.runtime import BundleError, GenerationError, TinyMusicianONNX
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+PROMPTS = ["calm piano with soft drums in a minor key", "loud fast guitar"]
+
+
+def pair(bundle, precision: str) -> dict[str, TinyMusicianONNX]:
+    return {
+        d: TinyMusicianONNX(bundle, precision=precision, threads=1, decoder=d) for d in ("fast", "merged")
+    }
+
+
+@pytest.mark.parametrize("guidance_scale", [3.0, 1.0])
+def test_fast_decoder_is_the_default_and_reproduces_transformers(bundle, student, tokenizer, guidance_scale):
+    runtime = TinyMusicianONNX(bundle, threads=1)
+    assert runtime.decoder == "fast" and "decoder_model_merged" not in runtime.sessions  # not even loaded
+    frames = 40
+    audio, codes = runtime.generate(
+        PROMPTS, frames / 50, guidance_scale=guidance_scale, do_sample=False, return_codes=True
+    )
+    ref_audio, ref_codes = torch_generate(
+        student, tokenizer, PROMPTS, frames, guidance_scale=guidance_scale, do_sample=False
+    )
+    np.testing.assert_array_equal(codes, ref_codes)
+    np.testing.assert_allclose(audio, ref_audio, atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_fast_and_merged_decoders_agree(bundle, precision):
+    runtimes = pair(bundle, precision)
+    greedy = {d: r.generate(PROMPTS, 0.8, do_sample=False, return_codes=True)[1] for d, r in runtimes.items()}
+    sampled = {d: r.generate(PROMPTS, 0.8, seed=7, return_codes=True)[1] for d, r in runtimes.items()}
+    if precision == "fp32":
+        np.testing.assert_array_equal(greedy["fast"], greedy["merged"])
+        np.testing.assert_array_equal(sampled["fast"], sampled["merged"])
+    # along the same codes: same weights, only the attention kernel differs (and with it, for the quantized
+    # graphs, the dynamic scale of the next matmul's input)
+    codes = greedy["merged"]
+    fast, where = forced_logits(runtimes["fast"], PROMPTS, codes)
+    merged, _ = forced_logits(runtimes["merged"], PROMPTS, codes)
+    error = relative_logit_error(merged, fast, where)
+    assert error["relative_error"] < (1e-5 if precision == "fp32" else 1e-2), error
+    assert error["top1_agree"] >= (1.0 if precision == "fp32" else 0.97), error
+
+
+def test_cache_is_written_in_place_and_equals_the_merged_decoders(bundle):
+    fast, merged = pair(bundle, "fp32").values()
+    ids, mask = fast.encode_prompts(PROMPTS)
+    states = fast.encode_text(ids, mask)
+    k, layers, steps, done = fast.facts["num_codebooks"], fast.facts["num_layers"], 12, 5
+    decode = fast.decoder_steps(states, mask, steps)
+    buffers = decode.keep[-2 * layers :]  # the self-attention buffers, bound as input and output
+    addresses = [b.data_ptr() for b in buffers]
+    rng = np.random.default_rng(0)
+    sequence = rng.integers(0, fast.facts["vocab_size"], (len(PROMPTS) * k, done))
+    for step in range(done):
+        decode(sequence[:, step : step + 1], step)
+    assert [b.data_ptr() for b in buffers] == addresses  # the same memory, never reallocated
+    # the merged decoder's concatenated cache after the same steps
+    feeds = {
+        "encoder_hidden_states": states.astype(np.float32),
+        "encoder_attention_mask": mask,
+        **{n: np.zeros((len(PROMPTS), fast.facts["num_heads"], 0, fast.facts["head_dim"]), np.float32)
+           for n in past_names(layers)},
+    }  # fmt: skip
+    session = merged.sessions["decoder_model_merged"]
+    for step in range(done):
+        feeds["input_ids"], feeds["use_cache_branch"] = sequence[:, step : step + 1], np.array([step > 0])
+        _, *present = session.run(None, feeds)
+        feeds.update(zip(past_names(layers), present, strict=True))
+    for name, buffer in zip(cache_names(layers), buffers, strict=True):
+        held = buffer.numpy()
+        assert held.shape[2] == steps
+        np.testing.assert_allclose(held[:, :, :done], feeds[name], atol=1e-5)
+        assert not held[:, :, done:].any()  # positions not reached yet are untouched
+
+
+def test_cache_capacity_and_clip_limits_are_clear_errors(bundle):
+    runtime = TinyMusicianONNX(bundle, threads=1)
+    ids, mask = runtime.encode_prompts(PROMPTS[:1])
+    decode = runtime.decoder_steps(runtime.encode_text(ids, mask), mask, steps=3)
+    token = np.zeros((runtime.facts["num_codebooks"], 1), np.int64)
+    with pytest.raises(GenerationError, match="outside the cache's 3 positions"):
+        decode(token, 3)
+    longest = runtime.facts["max_frames"] / runtime.frame_rate
+    with pytest.raises(GenerationError, match=r"seconds=.*choose seconds in that range"):
+        runtime.generate(PROMPTS[:1], longest + 1.0)
+
+
+def test_manifest_lists_the_fast_graphs(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["graphs"][-2:] == ["decoder_fast", "decoder_text_kv"]
+    assert manifest["fast_decoder"]["cache_dtype"] == "float32"
+    for precision, suffix in (("fp32", ""), ("int8", "_quantized"), ("int4", "_q4")):
+        for graph in ("decoder_fast", "decoder_text_kv"):
+            assert manifest["files"][f"onnx/{graph}{suffix}.onnx"]["precision"] == precision
+
+
+@pytest.fixture(scope="module")
+def student_model(tiny_pair):
+    return load_musicgen(str(tiny_pair.student)), load_tokenizer(str(tiny_pair.student))
+
+
+def test_fp16_cache_stays_close_to_fp32(student_model, tmp_path):
+    model, tokenizer = student_model
+    out = tmp_path / "fp16-cache"
+    manifest = export_bundle(model, tokenizer, out, precisions=["fp32"], cache_dtype="float16")
+    assert manifest["fast_decoder"]["cache_dtype"] == "float16"
+    fast, merged = pair(out, "fp32").values()
+    ids, mask = fast.encode_prompts(PROMPTS)
+    decode = fast.decoder_steps(fast.encode_text(ids, mask), mask, 4)
+    assert decode.keep[-1].numpy().dtype == np.float16
+    codes = merged.generate(PROMPTS, 0.8, do_sample=False, return_codes=True)[1]
+    error = relative_logit_error(*(forced_logits(r, PROMPTS, codes)[0] for r in (merged, fast)),
+                                 forced_logits(merged, PROMPTS, codes)[1])  # fmt: skip
+    assert error["relative_error"] < 1e-2 and error["top1_agree"] >= 0.99, error
+
+
+def test_bundle_without_fast_decoder(student_model, tmp_path, capsys):
+    from tinymusician.export import main as export_main
+
+    model, tokenizer = student_model
+    out = tmp_path / "merged-only"
+    export_bundle(model, tokenizer, out, precisions=["int8"], fast_decoder=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "fast_decoder" not in manifest and "decoder_fast" not in manifest["graphs"]
+    assert not any("decoder_fast" in f for f in manifest["files"])
+    assert TinyMusicianONNX(out, threads=1).decoder == "merged"  # auto falls back
+    with pytest.raises(BundleError, match="no fast decoder in int8.*--no-fast-decoder"):
+        TinyMusicianONNX(out, decoder="fast")
+    with pytest.raises(BundleError, match="decoder='quick'"):
+        TinyMusicianONNX(out, decoder="quick")
+    wav = tmp_path / "a.wav"
+    args = [PROMPTS[0], "--model", str(out), "--out", str(wav), "--seconds", "0.4", "--greedy"]
+    assert generate_main([*args, "--decoder", "merged"]) == 0
+    assert generate_main([*args, "--decoder", "fast"]) == 2
+    assert "no fast decoder" in capsys.readouterr().err
+    assert export_main(["tiny", "--out", str(tmp_path / "cli"), "--no-fast-decoder", "--no-check"]) == 0
+    assert "decoder_fast" not in json.loads((tmp_path / "cli" / "manifest.json").read_text())["graphs"]
