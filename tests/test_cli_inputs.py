@@ -192,7 +192,7 @@ def test_generate_refuses_too_many_seconds_before_generating(tiny_pair, tmp_path
         "--out",
         tmp_path / "a.wav",
     )
-    assert_clean_error(result, "5000000 frames", "at most 1021 frames", "ask for fewer seconds")
+    assert_clean_error(result, "5000000 frames", "at most 2045 frames", "ask for fewer seconds")
     assert not (tmp_path / "a.wav").exists()
 
 
