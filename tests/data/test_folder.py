@@ -313,10 +313,10 @@ def test_dataset_with_no_usable_clip_stops_clearly(tmp_path, student, tokenizer)
 def test_segments_longer_than_the_decoder_fail_before_training(tmp_path, student, tokenizer):
     good_folder(tmp_path / "music", count=3, seconds=0.5)
     data = folder(
-        tmp_path / "music", tmp_path / "cache", segment_seconds=30.0, min_seconds=0.1, val_fraction=0.01
+        tmp_path / "music", tmp_path / "cache", segment_seconds=60.0, min_seconds=0.1, val_fraction=0.01
     )
     data.attach(student, tokenizer)
-    with pytest.raises(ValueError, match=r"data.segment_seconds=30.0: .*set data.segment_seconds <= \d"):
+    with pytest.raises(ValueError, match=r"data.segment_seconds=60.0: .*set data.segment_seconds <= \d"):
         data.setup()
 
 

@@ -155,3 +155,14 @@ def test_bundle_without_fast_decoder(student_model, tmp_path, capsys):
     assert "no fast decoder" in capsys.readouterr().err
     assert export_main(["tiny", "--out", str(tmp_path / "cli"), "--no-fast-decoder", "--no-check"]) == 0
     assert "decoder_fast" not in json.loads((tmp_path / "cli" / "manifest.json").read_text())["graphs"]
+
+
+def test_thirty_second_clips_fit(bundle):
+    """MusicGen's longest clip (1500 frames at 50 Hz): the position table and the cache hold it, both decoders
+    agree to the last frame."""
+    fast, merged = pair(bundle, "fp32").values()
+    assert fast.facts["max_frames"] >= 1500
+    codes = {d: r.generate(PROMPTS[:1], 30.0, do_sample=False, return_codes=True)[1] for d, r in
+             (("fast", fast), ("merged", merged))}  # fmt: skip
+    assert codes["fast"].shape[-1] == 1500
+    np.testing.assert_array_equal(codes["fast"], codes["merged"])
