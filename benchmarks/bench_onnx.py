@@ -1,17 +1,40 @@
 """Real-time factor, peak memory and size of PyTorch vs ONNX Runtime generation, side by side in one run.
 
 Model: a random-weight model with MusicGen-Small's architecture (see bench_quant.py; no download), or
-``--tiny`` for the embedded tiny student (seconds). It is saved once, exported once (fp32, int8, int4), then
-each backend generates the same prompt in its own process (so peak RSS is that backend's alone):
+``--tiny`` for the embedded tiny student (seconds). It is saved once, exported once (fp32, int8, int4; with the
+in-place-KV "fast" decoder graph too when the exporter has ``fast_decoder``), then each backend generates the
+same prompt in its own process (so peak RSS is that backend's alone):
 
 - ``torch-fp32``  transformers' ``generate`` (eager PyTorch, fp32)
 - ``torch-int8``  the same after TinyMusician's int8 plan (dynamic int8 decoder + T5)
-- ``ort-fp32`` / ``ort-int8`` / ``ort-int4``  :class:`TinyMusicianONNX` on the exported graphs
+- ``ort-fp32`` / ``ort-int8`` / ``ort-int4``  :class:`TinyMusicianONNX` on the exported graphs, its default
+  decoder graph (``decoder="auto"``: the fast graph when the bundle has it)
+- ``ort-int8-merged`` (``ort-fp32-merged``, ``ort-int4-merged`` on request)  the same with
+  ``decoder="merged"`` (transformers.js's merged graph); skipped, with a note, by a runtime without that option
 
-Every run: ``--seconds`` of audio (10), classifier-free guidance 3, top-k 250 sampling, seed 0, batch 1,
-``--threads`` CPU threads (2). RTF = seconds of compute (text encoder + decoding + codec decoder) per second
-of audio; below 1.0 is faster than real time. Backends run in turn, ``--rounds`` times round-robin; the best
-round counts. Targets: ORT int8 RTF <= 1.0 and >= 3x faster than PyTorch fp32 eager. Exits 0 either way.
+Every run: ``--seconds`` of audio (10; several lengths: ``--seconds 10 30``, up to 40.9 s for MusicGen-Small,
+20.4 s for the tiny student), classifier-free guidance 3, top-k 250 sampling, seed 0, batch 1, ``--threads`` CPU
+threads (2). Backends run in turn, ``--rounds`` times round-robin; the best round counts. Exits 0 either way;
+nothing is asserted on time. Printed per clip length, per backend:
+
+- RTF: seconds of compute (text encoder + decoding + codec decoder) per second of audio; < 1 is faster than
+  real time. Targets: ORT int8 RTF <= 1.0, >= 10x faster than PyTorch fp32 eager, its step <= 1.3x the
+  floor, int4 >= 1.3x faster than int8.
+- step ms: decoding time per step (decoder + sampling); ``x floor``: that over the weight-streaming floor.
+- start / end ms: median step over the first and the last 10% of the steps, and end / start (the cost of a
+  growing KV cache; target for ort-int8: end within 20% of start).
+- peak RSS (VmHWM of the backend's process) and bundle size.
+
+Once per run: the weight-streaming floor, the time to read the int8 decoder's weight bytes (the initializers of
+onnx/decoder_model_merged_quantized.onnx; its file size is printed beside) once with ``--threads`` threads, in its
+own process (bench_onnx_kernels.py): no decoder step can be faster. And the first step's logits of each backend
+against ort-fp32's (torch-fp32's if ort-fp32 did not run): max |diff| / the reference's spread (max - min),
+check.py's relative error and top-1 agreement, so a fast but wrong kernel shows.
+
+``--int4-variants [accA-bB ...]`` also exports int4 graphs with MatMulNBits ``accuracy_level`` A (0 unset, 1 fp32,
+2 fp16, 3 bf16, 4 int8 products: the bundle's int4, blocks of 32) and block size B, each timed as its own backend
+``ort-int4-accA-bB`` (default: acc0-b32 acc1-b32 acc2-b32 acc0-b128 acc4-b128); the header names the CPU's SIMD
+features (/proc/cpuinfo) the kernels depend on.
 
 ``--guidance-scale 1`` times one pass per step instead (no unconditional half: transformers and the runtime
 both skip the doubled batch at scale <= 1); ``--decoder-layers N`` keeps only the first N decoder layers (a
@@ -21,13 +44,15 @@ shallower student of the same width). ``bench_student_speed.py`` compares both, 
 uint8 weights; it saturates on AVX2 CPUs without VNNI, see tinymusician/onnx/export.py) and times it as
 ``ort-int8-s8`` beside the bundle's uint8 weights, to show what exactness costs on this CPU.
 
-    python benchmarks/bench_onnx.py [--seconds 10] [--rounds 1] [--threads 2] [--tiny] [--backends ...]
+    python benchmarks/bench_onnx.py [--seconds 10 [30 ...]] [--rounds 1] [--threads 2] [--tiny]
+                                    [--backends ...] [--int4-variants [accA-bB ...]] [--int8-weights-too]
                                     [--guidance-scale 3] [--decoder-layers N] [--batch 1] [--stream]
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import subprocess
 import sys
@@ -36,19 +61,50 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import bench_onnx_kernels as kernels
+
 BACKENDS = ("torch-fp32", "torch-int8", "ort-fp32", "ort-int8", "ort-int4")
+MERGED = "-merged"  # backend suffix: decoder="merged" (transformers.js's graph) instead of the default
+MERGED_BACKENDS = ("ort-fp32-merged", "ort-int8-merged", "ort-int4-merged")
+DEFAULT_MERGED = ("ort-int8-merged",)
 PRECISIONS = ("fp32", "int8", "int4")  # what the bundle is exported in
 S8 = "int8-s8"  # the comparison-only precision: int8 (U8S8) weights, exported as onnx/*_int8.onnx
+FLOOR_GRAPH = "onnx/decoder_model_merged_quantized.onnx"  # the int8 decoder: its weights set the floor
 
 
-def register_s8() -> None:
-    """Teach the exporter the comparison precision (this process only; each backend loads in its own)."""
+def runtime_has_decoder_option() -> bool:
+    """Whether :class:`TinyMusicianONNX` takes ``decoder="auto"|"fast"|"merged"`` (added after this script)."""
+    from tinymusician.onnx.runtime import TinyMusicianONNX
+
+    return "decoder" in inspect.signature(TinyMusicianONNX.__init__).parameters
+
+
+def exporter_has_fast_decoder() -> bool:
+    from tinymusician.onnx.export import export_bundle
+
+    return "fast_decoder" in inspect.signature(export_bundle).parameters
+
+
+def ort_backend(backend: str) -> tuple[str, str | None]:
+    """``ort-int8-merged`` -> (``int8``, ``"merged"``); ``ort-int4-acc0-b32`` -> (``int4-acc0-b32``, None)."""
+    precision = backend.removeprefix("ort-")
+    if precision.endswith(MERGED):
+        return precision.removesuffix(MERGED), "merged"
+    return precision, None
+
+
+def register_s8(exporter: bool = True) -> None:
+    """Teach this process the comparison precision (each backend loads in its own); ``exporter``: its quantizer
+    too (that imports torch)."""
     from functools import partial
 
-    from tinymusician.onnx import export, layout
+    from tinymusician.onnx import layout
 
     layout.PRECISIONS[S8] = "_int8"
-    export.QUANTIZERS[S8] = partial(export.quantize_int8, weights="int8")
+    if exporter:
+        from tinymusician.onnx import export
+
+        export.QUANTIZERS[S8] = partial(export.quantize_int8, weights="int8")
 
 
 def split_s8(bundle: Path, manifest: dict) -> dict:
@@ -103,25 +159,43 @@ def stage_clock(model) -> dict[str, list[float]]:
     return times
 
 
-def worker(args: argparse.Namespace) -> None:
-    """One generation in this process; prints one JSON line."""
-    if args.backend.startswith("ort"):
-        import numpy as np
+def capture_first_torch_logits(decoder) -> dict:
+    """The first decoder call's logits (the first step), like :func:`bench_onnx_kernels.capture_first_logits`."""
+    captured: dict = {}
 
+    def hook(module, inputs, output) -> None:
+        handle.remove()
+        logits = output.logits.detach().float()
+        captured["logits"] = logits.reshape(-1, logits.shape[-1]).numpy().copy()
+
+    handle = decoder.register_forward_hook(hook)
+    return captured
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One generation in this process; prints one JSON line (and saves the first step's logits if asked)."""
+    import numpy as np
+
+    seconds = args.seconds[0]
+    if args.backend.startswith("ort"):
         from tinymusician.onnx.runtime import TinyMusicianONNX
 
-        path, precision = args.bundle, args.backend.removeprefix("ort-")
+        path, (precision, decoder) = args.bundle, ort_backend(args.backend)
         if precision == S8:
             path, precision = f"{args.bundle}-s8", "int8"
-        model = TinyMusicianONNX(path, precision=precision, threads=args.threads)
+        elif kernels.VARIANT.fullmatch(precision):
+            path = f"{args.bundle}-{precision}"  # its own bundle (prepare)
+            kernels.register_manifest_variants(path)
+        options = {"decoder": decoder} if decoder else {}  # main() skips -merged without the option
+        model = TinyMusicianONNX(path, precision=precision, threads=args.threads, **options)
         loaded = peak_rss_mb()
-        audio = model.generate(
-            [PROMPT] * args.batch, args.seconds, guidance_scale=args.guidance_scale, seed=0
-        )
-        stats = model.last_stats
+        ticks = kernels.step_clock(model)
+        first = kernels.capture_first_logits(model)
+        audio = model.generate([PROMPT] * args.batch, seconds, guidance_scale=args.guidance_scale, seed=0)
+        stats = {**model.last_stats, **kernels.start_end(np.diff(ticks).tolist())}
         if args.stream:  # the same codes again (same seed), streamed: time to first audio, and the seams
             chunks = list(
-                model.stream([PROMPT] * args.batch, args.seconds, guidance_scale=args.guidance_scale, seed=0)
+                model.stream([PROMPT] * args.batch, seconds, guidance_scale=args.guidance_scale, seed=0)
             )
             stats = {
                 **stats,
@@ -144,14 +218,17 @@ def worker(args: argparse.Namespace) -> None:
         tokenizer = load_tokenizer(args.model_dir)
         loaded = peak_rss_mb()
         frame_rate = int(model.config.audio_encoder.frame_rate)
-        frames = round(args.seconds * frame_rate)
+        frames = round(seconds * frame_rate)
         times = stage_clock(model)
+        first = capture_first_torch_logits(model.decoder)
         started = time.perf_counter()
         torch_generate(
             model, tokenizer, [PROMPT] * args.batch, frames, guidance_scale=args.guidance_scale, seed=0
         )
         finished = time.perf_counter()
         compute, encoded, decoded = finished - started, times["text"][-1], times["steps"][-1]
+        begins = times["steps"][0::2]  # one decoder call per step: its start, then its end
+        durations = np.diff([*begins, decoded]).tolist()  # the last step: its forward only
         stats = {
             "text_encoder_s": encoded - started,
             "decoder_s": decoded - encoded,
@@ -160,21 +237,44 @@ def worker(args: argparse.Namespace) -> None:
             "compute_s": compute,
             "audio_s": frames / frame_rate,
             "rtf": compute * frame_rate / frames,
+            **kernels.start_end(durations),
         }
-    print(json.dumps({**stats, "peak_rss_mb": peak_rss_mb(), "loaded_rss_mb": loaded}), flush=True)
+    stats = {**stats, "peak_rss_mb": peak_rss_mb(), "loaded_rss_mb": loaded}
+    if args.logits_out and first.get("logits") is not None:
+        np.save(args.logits_out, first["logits"])
+    print(json.dumps(stats), flush=True)
 
 
-def run_backend(backend: str, args: argparse.Namespace, model_dir: Path, bundle: Path) -> dict:
+def run_backend(
+    backend: str, args: argparse.Namespace, model_dir: Path, bundle: Path, logits_out: Path | None = None
+) -> dict:
+    """``backend`` in its own process for ``args.seconds`` (one length) of audio -> its stats."""
     command = [
         sys.executable, __file__, "--worker", backend, "--model-dir", str(model_dir), "--bundle", str(bundle),
         "--seconds", str(args.seconds), "--threads", str(args.threads),
         "--guidance-scale", str(args.guidance_scale), "--batch", str(getattr(args, "batch", 1)),
         *(["--stream"] if getattr(args, "stream", False) else []),
+        *(["--logits-out", str(logits_out)] if logits_out else []),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{backend} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_floor(bundle: Path, threads: int) -> dict:
+    """The weight-streaming floor of the int8 decoder (its initializer bytes), in its own process."""
+    path = bundle / FLOOR_GRAPH
+    weights = kernels.initializer_bytes(path)
+    command = [sys.executable, kernels.__file__, "floor", str(weights), str(threads)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"floor failed:\n{result.stderr[-3000:]}")
+    return {
+        **json.loads(result.stdout.strip().splitlines()[-1]),
+        "weight_bytes": weights,
+        "file_bytes": path.stat().st_size,
+    }
 
 
 def keep_decoder_layers(model, layers: int) -> None:
@@ -192,11 +292,13 @@ def prepare(
     args: argparse.Namespace, scratch: Path, precisions: Sequence[str] = PRECISIONS
 ) -> tuple[Path, Path, dict]:
     """Save the model (the PyTorch backends load it) and export the bundle in ``precisions`` (none: no export,
-    the manifest is empty)."""
+    the manifest is empty), plus the comparison precisions that ``args.backends`` names (ort-int8-s8 in
+    ``<bundle>-s8``, each ort-int4-accA-bB in ``<bundle>-int4-accA-bB``) and the fast decoder graphs when the
+    exporter writes them. Each export runs in its own process: quantizing MusicGen-Small in several precisions
+    holds over 10 GB, which this process would otherwise keep while the backends run."""
     from bench_quant import small_architecture
 
     from tinymusician.models.musicgen import load_musicgen, load_tokenizer, save_musicgen
-    from tinymusician.onnx.export import export_bundle
     from tinymusician.zoo.tiny import shipped_pair
 
     tiny = shipped_pair().student
@@ -205,18 +307,53 @@ def prepare(
         keep_decoder_layers(model, args.decoder_layers)
     tokenizer = load_tokenizer(str(tiny))  # token ids only need to be in range; weights are random anyway
     model_dir = save_musicgen(model, tokenizer, scratch / "model")
+    del model
+    bundle = scratch / "bundle"
     if not precisions:
-        return model_dir, scratch / "bundle", {}
+        return model_dir, bundle, {}
     started = time.perf_counter()
-    precisions = list(precisions)
-    if f"ort-{S8}" in args.backends:
-        register_s8()
-        precisions.append(S8)
-    manifest = export_bundle(model, tokenizer, scratch / "bundle", precisions=precisions, source="benchmark")
+    precisions = [*precisions, *([S8] if f"ort-{S8}" in args.backends else [])]
+    manifest = export_in_process(model_dir, bundle, precisions)
     if S8 in precisions:
-        manifest["s8_int8_bytes"] = bundle_mb(split_s8(scratch / "bundle", manifest), "int8")
-    print(f"exported in {time.perf_counter() - started:.0f} s", flush=True)
-    return model_dir, scratch / "bundle", manifest
+        register_s8(exporter=False)
+        manifest["s8_int8_bytes"] = bundle_mb(split_s8(bundle, manifest), "int8")
+    variants = [p for p, _ in map(ort_backend, args.backends) if kernels.VARIANT.fullmatch(p)]
+    kernels.register_int4_variants(variants, exporter=False)
+    manifest["variant_mb"] = {}
+    for variant in variants:
+        exported = export_in_process(model_dir, bundle.with_name(f"{bundle.name}-{variant}"), [variant])
+        manifest["variant_mb"][variant] = bundle_mb(exported, variant)
+    print(f"exported {', '.join(precisions + variants)} in {time.perf_counter() - started:.0f} s", flush=True)
+    return model_dir, bundle, manifest
+
+
+def export_in_process(model_dir: Path, out: Path, precisions: Sequence[str]) -> dict:
+    """``export_bundle`` of the saved model in a child process (see :func:`prepare`) -> the manifest."""
+    command = [
+        sys.executable, __file__, "--export-to", str(out), "--model-dir", str(model_dir),
+        "--precisions", *precisions,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"export of {precisions} failed:\n{result.stderr[-3000:]}")
+    print(f"  exported {', '.join(precisions)}: {result.stdout.strip().splitlines()[-1]}", flush=True)
+    return json.loads((out / "manifest.json").read_text())
+
+
+def export_worker(args: argparse.Namespace) -> None:
+    """The child of :func:`export_in_process`: prints its time and peak RSS."""
+    from tinymusician.models.musicgen import load_musicgen, load_tokenizer
+    from tinymusician.onnx.export import export_bundle
+
+    started = time.perf_counter()
+    if S8 in args.precisions:
+        register_s8()
+    kernels.register_int4_variants(args.precisions, exporter=True)
+    model = load_musicgen(args.model_dir).eval()
+    tokenizer = load_tokenizer(args.model_dir)
+    options = {"fast_decoder": True} if exporter_has_fast_decoder() else {}
+    export_bundle(model, tokenizer, args.export_to, precisions=args.precisions, source="benchmark", **options)
+    print(f"{time.perf_counter() - started:.0f} s, peak RSS {peak_rss_mb() / 1024:.1f} GB", flush=True)
 
 
 def bundle_mb(manifest: dict, precision: str) -> float:
@@ -225,9 +362,96 @@ def bundle_mb(manifest: dict, precision: str) -> float:
     return sum(manifest["files"][graph_file(g, precision)]["bytes"] for g in GRAPHS) / 1e6
 
 
+def cell(stats: dict, key: str, spec: str, width: int) -> str:
+    return f"{stats[key]:>{width}{spec}}" if key in stats else f"{'-':>{width}}"
+
+
+def print_length(
+    seconds: float, best: dict[str, dict], sizes: dict[str, float], floor_ms: float | None, args
+) -> None:
+    """One clip length's table and targets."""
+    reference = best.get("torch-fp32", {}).get("rtf")
+    guidance = f"CFG {args.guidance_scale:g}" if args.guidance_scale > 1 else "one pass (no CFG)"
+    layers = f", {args.decoder_layers} decoder layers" if args.decoder_layers else ""
+    print(
+        f"\n{seconds:g} s of audio, {guidance}, top-k 250, batch {args.batch}, {args.threads} threads, best of "
+        f"{args.rounds} ({'tiny student' if args.tiny else 'MusicGen-Small architecture, random weights'}{layers})"
+    )
+    print(
+        f"{'backend':<19}{'RTF':>7}{'vs torch':>9}{'step ms':>9}{'x floor':>8}{'start ms':>9}{'end ms':>8}"
+        f"{'end/start':>10}{'peak RSS MB':>12}{'size MB':>9}"
+    )
+    for backend, stats in best.items():
+        speedup = f"{reference / stats['rtf']:.2f}x" if reference else "-"
+        multiple = f"{stats['decoder_step_ms'] / floor_ms:.1f}" if floor_ms else "-"
+        print(
+            f"{backend:<19}{stats['rtf']:>7.3f}{speedup:>9}{stats['decoder_step_ms']:>9.1f}{multiple:>8}"
+            f"{cell(stats, 'step_start_ms', '.1f', 9)}{cell(stats, 'step_end_ms', '.1f', 8)}"
+            f"{cell(stats, 'step_end_vs_start', '.2f', 10)}{stats['peak_rss_mb']:>12.0f}"
+            f"{sizes.get(backend, float('nan')):>9.1f}"
+        )
+    for backend, stats in best.items():
+        if "first_audio_s" in stats:
+            print(
+                f"{backend} streamed (0.5 s chunks): first audio after {stats['first_audio_s']:.2f} s, RTF "
+                f"{stats['stream_rtf']:.3f}, max |streamed - one-shot| {stats['stream_max_diff']:.1e}"
+            )
+    int8 = best.get("ort-int8")
+    if int8 and f"ort-{S8}" in best:
+        ratio = int8["decoder_step_ms"] / best[f"ort-{S8}"]["decoder_step_ms"]
+        print(f"decoder step, uint8 weights (exact everywhere) / int8 weights (U8S8): {ratio:.2f}x")
+    int4 = [b for b in best if b.startswith("ort-int4")]
+    if int8 and int4:
+        print(
+            "decoder step vs ort-int8 (int4 = acc4-b32): "
+            + ", ".join(f"{b} {best[b]['decoder_step_ms'] / int8['decoder_step_ms']:.2f}x" for b in int4)
+        )
+    if int8 and "step_end_vs_start" in int8:
+        ratio = int8["step_end_vs_start"]
+        print(
+            f"target ORT int8 end step within 20% of start: {ratio:.2f}x {'PASS' if ratio <= 1.2 else 'FAIL'}"
+        )
+    if int8 and reference:
+        rtf, speedup = int8["rtf"], reference / int8["rtf"]
+        print(f"target ORT int8 RTF <= 1.0: {rtf:.3f} {'PASS' if rtf <= 1.0 else 'FAIL'}")
+        print(f"target ORT int8 >= 10x PyTorch fp32: {speedup:.2f}x {'PASS' if speedup >= 10 else 'FAIL'}")
+    if int8 and floor_ms:
+        multiple = int8["decoder_step_ms"] / floor_ms
+        print(
+            f"target ORT int8 step <= 1.3x the floor: {multiple:.2f}x {'PASS' if multiple <= 1.3 else 'FAIL'}"
+        )
+    if int8 and "ort-int4" in best:
+        faster = int8["decoder_step_ms"] / best["ort-int4"]["decoder_step_ms"]
+        print(
+            f"target ORT int4 >= 1.3x faster than int8: {faster:.2f}x {'PASS' if faster >= 1.3 else 'FAIL'}"
+        )
+
+
+def print_numerics(logits: dict) -> None:
+    """Every backend's first-step logits (arrays) against ort-fp32's (or torch-fp32's)."""
+    reference_name = next((b for b in ("ort-fp32", "torch-fp32") if b in logits), None)
+    if reference_name is None:
+        print("\nfirst-step logits: no fp32 backend ran, nothing to compare with")
+        return
+    reference = logits[reference_name]
+    print(f"\nfirst-step logits vs {reference_name} (max |diff| / spread: over max - min of the reference)")
+    print(f"{'backend':<19}{'max|diff|/spread':>17}{'rel. error':>11}{'top-1 agree':>12}")
+    for backend, candidate in logits.items():
+        if backend == reference_name:
+            continue
+        if candidate.shape != reference.shape:
+            print(f"{backend:<19} shape {candidate.shape} differs from {reference.shape}: not compared")
+            continue
+        error = kernels.logit_error(reference, candidate)
+        print(
+            f"{backend:<19}{error['max_vs_spread']:>17.4f}{error['relative_error']:>11.4f}"
+            f"{error['top1_agree']:>12.3f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, nargs="+", default=[10.0], help="clip lengths, each timed")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true")
@@ -241,65 +465,123 @@ def main() -> None:
         action="store_true",
         help="ORT backends also stream the same clip: time to first audio, and streamed vs one-shot audio",
     )
-    choices = [*BACKENDS, f"ort-{S8}"]
-    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=choices)
+    variants = [f"ort-{kernels.variant_precision(v)}" for v in kernels.ALL_VARIANTS]
+    choices = [*BACKENDS, *MERGED_BACKENDS, f"ort-{S8}", *variants]
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=[*BACKENDS, *DEFAULT_MERGED],
+        choices=choices,
+        metavar="BACKEND",
+        help=f"default: {' '.join([*BACKENDS, *DEFAULT_MERGED])}; also {' '.join(MERGED_BACKENDS[::2])}, "
+        f"ort-{S8}, ort-int4-accA-bB",
+    )
     parser.add_argument("--int8-weights-too", action="store_true", help=f"also time ort-{S8} (see above)")
+    parser.add_argument(
+        "--int4-variants",
+        nargs="*",
+        metavar="accA-bB",
+        help=f"also time int4 kernel variants (default: {' '.join(kernels.DEFAULT_VARIANTS)})",
+    )
     parser.add_argument("--worker", choices=choices, dest="backend", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--bundle", help=argparse.SUPPRESS)
+    parser.add_argument("--logits-out", help=argparse.SUPPRESS)
+    parser.add_argument("--export-to", help=argparse.SUPPRESS)
+    parser.add_argument("--precisions", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.int8_weights_too and f"ort-{S8}" not in args.backends:
-        args.backends.append(f"ort-{S8}")
     if args.backend:
         worker(args)
         return
+    if args.export_to:
+        export_worker(args)
+        return
+    import numpy as np
+
+    if args.int8_weights_too and f"ort-{S8}" not in args.backends:
+        args.backends.append(f"ort-{S8}")
+    if args.int4_variants is not None:
+        for variant in args.int4_variants or kernels.DEFAULT_VARIANTS:
+            backend = f"ort-{kernels.variant_precision(variant)}"
+            if backend not in args.backends:
+                args.backends.append(backend)
+    print(kernels.machine_header(args.threads), flush=True)
+    if not runtime_has_decoder_option():
+        skipped = [b for b in args.backends if b.endswith(MERGED)]
+        args.backends = [b for b in args.backends if not b.endswith(MERGED)]
+        if skipped:
+            print(f"note: TinyMusicianONNX has no decoder= option yet: {', '.join(skipped)} skipped")
+    if not exporter_has_fast_decoder():
+        print("note: export_bundle has no fast_decoder= option yet: ort-* use the merged decoder graph")
 
     with tempfile.TemporaryDirectory() as scratch:
         model_dir, bundle, manifest = prepare(args, Path(scratch))
+        facts = manifest["model"]
+        longest = facts["max_frames"] / facts["frame_rate"]
+        lengths = [s for s in args.seconds if s <= longest]
+        if len(lengths) < len(args.seconds):
+            print(
+                f"note: {[s for s in args.seconds if s > longest]} s skipped: this model stops at {longest:.1f} s"
+            )
+        floor = run_floor(bundle, args.threads) if (bundle / FLOOR_GRAPH).is_file() else {}
         fp32_mb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 1e6
-        best: dict[str, dict] = {}
-        for round_index in range(args.rounds):
-            for backend in args.backends:
-                stats = run_backend(backend, args, model_dir, bundle)
-                print(f"round {round_index + 1} {backend:<13} RTF {stats['rtf']:.3f}", flush=True)
-                if backend not in best or stats["rtf"] < best[backend]["rtf"]:
-                    best[backend] = stats
+        (logits_dir := Path(scratch, "logits")).mkdir()
+        best: dict[float, dict[str, dict]] = {s: {} for s in lengths}
+        logits: dict[str, np.ndarray] = {}
+        for seconds in lengths:
+            options = argparse.Namespace(**{**vars(args), "seconds": seconds})
+            for round_index in range(args.rounds):
+                for backend in args.backends:
+                    out = (
+                        logits_dir / f"{backend}.npy" if seconds == lengths[0] and round_index == 0 else None
+                    )
+                    try:
+                        stats = run_backend(backend, options, model_dir, bundle, out)
+                    except RuntimeError as err:
+                        print(f"{seconds:g} s round {round_index + 1} {backend}: {err}", flush=True)
+                        continue
+                    if out is not None and out.is_file():
+                        logits[backend] = np.load(out)
+                    print(
+                        f"{seconds:g} s round {round_index + 1} {backend:<19} RTF {stats['rtf']:.3f}, step "
+                        f"{stats['decoder_step_ms']:.1f} ms",
+                        flush=True,
+                    )
+                    if backend not in best[seconds] or stats["rtf"] < best[seconds][backend]["rtf"]:
+                        best[seconds][backend] = stats
+        if floor:  # again after the backends (another process may share the cores): the faster counts
+            again = run_floor(bundle, args.threads)
+            floor = {
+                **min(floor, again, key=lambda f: f["floor_ms"]),
+                "floor_runs_ms": [floor["floor_ms"], again["floor_ms"]],
+            }
 
     sizes = {
         "torch-fp32": fp32_mb,
         "torch-int8": float("nan"),  # see bench_quant.py for PyTorch bundle sizes
         **{f"ort-{p}": bundle_mb(manifest, p) for p in manifest["precisions"]},
+        **{f"ort-{p}{MERGED}": bundle_mb(manifest, p) for p in manifest["precisions"]},
         f"ort-{S8}": manifest.get("s8_int8_bytes", float("nan")),
+        **{f"ort-{p}": mb for p, mb in manifest.get("variant_mb", {}).items()},
     }
-    reference = best.get("torch-fp32", {}).get("rtf")
-    guidance = f"CFG {args.guidance_scale:g}" if args.guidance_scale > 1 else "one pass (no CFG)"
-    layers = f", {args.decoder_layers} decoder layers" if args.decoder_layers else ""
-    print(
-        f"\n{args.seconds:g} s of audio, {guidance}, top-k 250, batch {args.batch}, {args.threads} threads "
-        f"({'tiny student' if args.tiny else 'MusicGen-Small architecture, random weights'}{layers})"
-    )
-    print(f"{'backend':<13}{'RTF':>8}{'vs torch-fp32':>15}{'step ms':>9}{'peak RSS MB':>13}{'size MB':>10}")
-    for backend, stats in best.items():
-        speedup = f"{reference / stats['rtf']:.2f}x" if reference else "-"
+    floor_ms = floor.get("floor_ms")
+    if floor:
         print(
-            f"{backend:<13}{stats['rtf']:>8.3f}{speedup:>15}{stats['decoder_step_ms']:>9.1f}"
-            f"{stats['peak_rss_mb']:>13.0f}{sizes[backend]:>10.1f}"
+            f"\nweight-streaming floor: the int8 decoder's initializers, {floor['weight_bytes'] / 1e6:.1f} MB "
+            f"(file {floor['file_bytes'] / 1e6:.1f} MB), read once by {args.threads} threads "
+            f"({floor['floor_kernel']}, best of {floor['floor_repeats']}): {floor_ms:.2f} ms "
+            f"= {floor['floor_gbs']:.1f} GB/s (before / after the backends: "
+            f"{' / '.join(f'{ms:.2f}' for ms in floor['floor_runs_ms'])} ms); 'x floor' = step ms / this"
         )
-    for backend, stats in best.items():
-        if "first_audio_s" in stats:
-            print(
-                f"{backend} streamed (0.5 s chunks): first audio after {stats['first_audio_s']:.2f} s, RTF "
-                f"{stats['stream_rtf']:.3f}, max |streamed - one-shot| {stats['stream_max_diff']:.1e}"
-            )
-    if "ort-int8" in best and f"ort-{S8}" in best:
-        ratio = best["ort-int8"]["decoder_step_ms"] / best[f"ort-{S8}"]["decoder_step_ms"]
-        print(f"decoder step, uint8 weights (exact everywhere) / int8 weights (U8S8): {ratio:.2f}x")
-    if "ort-int8" in best and reference:
-        rtf = best["ort-int8"]["rtf"]
-        print(f"target ORT int8 RTF <= 1.0: {rtf:.3f} {'PASS' if rtf <= 1.0 else 'FAIL'}")
-        print(
-            f"target ORT int8 >= 3x PyTorch fp32: {reference / rtf:.2f}x {'PASS' if reference / rtf >= 3 else 'FAIL'}"
-        )
+    for seconds in lengths:
+        print_length(seconds, best[seconds], sizes, floor_ms, args)
+    if logits:
+        print_numerics(logits)
+    if len(lengths) > 1:
+        print(f"\n{'RTF per clip length':<19}" + "".join(f"{f'{s:g} s':>8}" for s in lengths))
+        for backend in args.backends:
+            cells = [best[s].get(backend, {}).get("rtf") for s in lengths]
+            print(f"{backend:<19}" + "".join(f"{c:>8.3f}" if c is not None else f"{'-':>8}" for c in cells))
 
 
 if __name__ == "__main__":
