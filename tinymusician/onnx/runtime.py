@@ -360,7 +360,8 @@ class FastDecoderSteps:
 
 
 class TinyMusicianONNX:
-    """A loaded bundle: three ONNX Runtime sessions, the tokenizer and the facts from ``manifest.json``.
+    """A loaded bundle: its ONNX Runtime sessions (text encoder, decoder graphs, codec), the tokenizer and the facts
+    from ``manifest.json``.
 
     ``precision``: ``"fp32"``, ``"int8"``, ``"int4"`` (text encoder and decoder; the codec decoder is fp32) or a
     per-graph map; default fp32 if the bundle has it, else its first exported precision.
