@@ -90,15 +90,12 @@ def torch_forced_logits(
 
 
 def compare_greedy(
-    bundle: str | Path,
-    precision: str,
+    runtime: TinyMusicianONNX,
     frames: int,
     reference: tuple[np.ndarray, np.ndarray],
     guidance_scale: float,
-    decoder: str = "auto",
 ) -> dict[str, float]:
     """Greedy codes of the bundle vs the PyTorch ``reference`` (audio, codes): fraction equal, max audio difference."""
-    runtime = TinyMusicianONNX(bundle, precision=precision, decoder=decoder)
     audio, codes = runtime.generate(
         list(CHECK_PROMPTS),
         frames / runtime.frame_rate,
@@ -162,7 +159,7 @@ def check_bundle(
             logits, generated = forced_logits(runtime, prompts, reference[1], guidance_scale)
             error = relative_logit_error(reference_logits, logits, generated)
             limit = MAX_RELATIVE_ERROR[precision]
-            result = compare_greedy(bundle, precision, frames, reference, guidance_scale, decoder)
+            result = compare_greedy(runtime, frames, reference, guidance_scale)
             line = (
                 f"teacher-forced logits vs PyTorch: relative error {error['relative_error']:.4f} "
                 f"(max {limit:g}), top-1 {error['top1_agree']:.4f}; greedy {frames} frames x {len(prompts)} "
