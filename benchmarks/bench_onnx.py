@@ -52,6 +52,7 @@ uint8 weights; it saturates on AVX2 CPUs without VNNI, see tinymusician/onnx/exp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import subprocess
@@ -296,6 +297,9 @@ def prepare(
     ``<bundle>-s8``, each ort-int4-accA-bB in ``<bundle>-int4-accA-bB``) and the fast decoder graphs when the
     exporter writes them. Each export runs in its own process: quantizing MusicGen-Small in several precisions
     holds over 10 GB, which this process would otherwise keep while the backends run."""
+    reused = reuse(args, scratch, precisions)
+    if reused:
+        return reused
     from bench_quant import small_architecture
 
     from tinymusician.models.musicgen import load_musicgen, load_tokenizer, save_musicgen
@@ -324,7 +328,35 @@ def prepare(
         exported = export_in_process(model_dir, bundle.with_name(f"{bundle.name}-{variant}"), [variant])
         manifest["variant_mb"][variant] = bundle_mb(exported, variant)
     print(f"exported {', '.join(precisions + variants)} in {time.perf_counter() - started:.0f} s", flush=True)
+    if args.workdir:
+        record = {"options": prepared_options(args, [p for p in precisions if p != S8]), "manifest": manifest}
+        (scratch / "prepared.json").write_text(json.dumps(record))
     return model_dir, bundle, manifest
+
+
+def prepared_options(args: argparse.Namespace, precisions: Sequence[str]) -> dict:
+    """What decides the model and the bundles :func:`prepare` makes."""
+    return {k: vars(args)[k] for k in ("tiny", "decoder_layers", "backends")} | {
+        "precisions": list(precisions)
+    }
+
+
+def reuse(
+    args: argparse.Namespace, scratch: Path, precisions: Sequence[str]
+) -> tuple[Path, Path, dict] | None:
+    """``--workdir``: the model and bundles an earlier run with the same options left there, or None."""
+    record = scratch / "prepared.json"
+    if not record.is_file() or json.loads(record.read_text())["options"] != prepared_options(
+        args, precisions
+    ):
+        record.unlink(missing_ok=True)
+        return None
+    print(f"reusing the model and bundles in {scratch} (--workdir)", flush=True)
+    manifest = json.loads(record.read_text())["manifest"]
+    if f"ort-{S8}" in args.backends:
+        register_s8(exporter=False)
+    kernels.register_int4_variants(manifest.get("variant_mb", {}), exporter=False)
+    return scratch / "model", scratch / "bundle", manifest
 
 
 def export_in_process(model_dir: Path, out: Path, precisions: Sequence[str]) -> dict:
@@ -476,6 +508,10 @@ def main() -> None:
         help=f"default: {' '.join([*BACKENDS, *DEFAULT_MERGED])}; also {' '.join(MERGED_BACKENDS[::2])}, "
         f"ort-{S8}, ort-int4-accA-bB",
     )
+    parser.add_argument(
+        "--workdir",
+        help="keep the saved model and bundles here; a later run with the same DIR and options reuses them",
+    )
     parser.add_argument("--int8-weights-too", action="store_true", help=f"also time ort-{S8} (see above)")
     parser.add_argument(
         "--int4-variants",
@@ -514,8 +550,13 @@ def main() -> None:
     if not exporter_has_fast_decoder():
         print("note: export_bundle has no fast_decoder= option yet: ort-* use the merged decoder graph")
 
-    with tempfile.TemporaryDirectory() as scratch:
-        model_dir, bundle, manifest = prepare(args, Path(scratch))
+    with contextlib.ExitStack() as stack:
+        if args.workdir:
+            scratch = Path(args.workdir).expanduser()
+            scratch.mkdir(parents=True, exist_ok=True)
+        else:
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        model_dir, bundle, manifest = prepare(args, scratch)
         facts = manifest["model"]
         longest = facts["max_frames"] / facts["frame_rate"]
         lengths = [s for s in args.seconds if s <= longest]
@@ -525,7 +566,7 @@ def main() -> None:
             )
         floor = run_floor(bundle, args.threads) if (bundle / FLOOR_GRAPH).is_file() else {}
         fp32_mb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 1e6
-        (logits_dir := Path(scratch, "logits")).mkdir()
+        (logits_dir := Path(scratch, "logits")).mkdir(exist_ok=True)
         best: dict[float, dict[str, dict]] = {s: {} for s in lengths}
         logits: dict[str, np.ndarray] = {}
         for seconds in lengths:

@@ -69,3 +69,23 @@ def test_generate_stream_writes_the_same_wav_chunk_by_chunk(bundle, tmp_path, ca
     assert np.abs(streamed.astype(int) - one_shot).max() <= 1  # 16-bit rounding
     assert generate_main(["calm piano", "--model", str(tiny_pair.student), "--stream"]) == 2
     assert "--stream needs an ONNX bundle" in capsys.readouterr().err
+
+
+def test_long_clips_are_decoded_window_by_window_as_the_one_shot_decode(runtime, monkeypatch):
+    """generate's codec decode holds one window's activations, not the clip's, and gives the same audio."""
+    _, codes = runtime.generate(PROMPTS, 7.0, do_sample=False, return_codes=True)
+    one_shot = runtime.decode_audio(codes, window_seconds=None)
+    windows: list[tuple[int, int, int]] = []
+    span = runtime.decode_span
+
+    def recording(window, low, start, until):
+        windows.append((window.shape[-1], start, until))
+        return span(window, low, start, until)
+
+    monkeypatch.setattr(runtime, "decode_span", recording)
+    windowed = runtime.decode_audio(codes, window_seconds=3.0)
+    # 350 frames: 150 + 150 + 50, each with 32 frames of context on the left, 8 of lookahead on the right
+    assert windows == [(158, 0, 150), (190, 150, 300), (82, 300, 350)]
+    assert windowed.shape == one_shot.shape
+    np.testing.assert_allclose(windowed, one_shot, atol=1e-4, rtol=0)
+    assert np.abs(one_shot).max() > 1e-3

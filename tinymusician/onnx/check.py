@@ -14,7 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from tinymusician.onnx.runtime import TinyMusicianONNX, delay_pattern_mask, read_manifest
+from tinymusician.onnx.runtime import (
+    TinyMusicianONNX,
+    delay_pattern_mask,
+    has_fast_decoder,
+    read_manifest,
+)
 
 CHECK_PROMPTS = ("a calm piano melody with soft drums", "fast loud electric guitar")
 # Relative logit error (see relative_logit_error) allowed per precision, for any model. Measured on the tiny
@@ -151,10 +156,10 @@ def check_bundle(
         model, tokenizer, prompts, frames, guidance_scale=guidance_scale, do_sample=False
     )
     reference_logits = torch_forced_logits(model, tokenizer, prompts, reference[1], guidance_scale)
-    has_fast = "fast_decoder" in read_manifest(Path(bundle))
+    manifest = read_manifest(Path(bundle))
     lines = {}
     for precision in precisions:
-        for decoder in ("merged", "fast") if has_fast else ("merged",):
+        for decoder in ("merged", "fast") if has_fast_decoder(manifest, precision) else ("merged",):
             runtime = TinyMusicianONNX(bundle, precision=precision, decoder=decoder)
             logits, generated = forced_logits(runtime, prompts, reference[1], guidance_scale)
             error = relative_logit_error(reference_logits, logits, generated)
