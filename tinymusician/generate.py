@@ -8,7 +8,8 @@ a hub id, ``tiny`` or a training ``.ckpt``. Bad arguments and unusable models fa
 sampling, or ``--greedy``), show progress, and report the real-time factor (compute seconds per second of
 audio; below 1.0 is faster than real time). Several prompts are generated as one batch and written as
 ``a.wav``, ``a-1.wav``, ... ``--stream`` (bundles): the WAVs are written chunk by chunk as the codes arrive, so the
-first audio is on disk after about ``--chunk-seconds`` of music has been generated.
+first audio is on disk after about ``--first-chunk-seconds`` (0.2 s) of music has been generated, then every
+``--chunk-seconds`` (0.5 s).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from tinymusician.models.generation import GenerationError, torch_generate
-from tinymusician.onnx.runtime import BundleError, TinyMusicianONNX
+from tinymusician.onnx.runtime import STREAM_FIRST_CHUNK_SECONDS, BundleError, TinyMusicianONNX
 from tinymusician.zoo.source import add_base_argument, add_guidance_argument
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,14 @@ def run_stream(args: argparse.Namespace) -> tuple[list[Path], int, dict[str, flo
         path.parent.mkdir(parents=True, exist_ok=True)
     files = [sf.SoundFile(str(p), "w", model.sampling_rate, 1, subtype="PCM_16") for p in paths]
     try:
-        for chunk in model.stream(args.prompts, args.seconds, chunk_seconds=args.chunk_seconds, **options):
+        chunks = model.stream(
+            args.prompts,
+            args.seconds,
+            chunk_seconds=args.chunk_seconds,
+            first_chunk_seconds=args.first_chunk_seconds,
+            **options,
+        )
+        for chunk in chunks:
             for handle, clip in zip(files, chunk, strict=True):
                 handle.write(np.clip(clip, -1.0, 1.0))
                 handle.flush()
@@ -195,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--chunk-seconds", type=float, default=0.5, help="with --stream: audio per chunk (default 0.5 s)"
+    )
+    parser.add_argument(
+        "--first-chunk-seconds",
+        type=float,
+        default=STREAM_FIRST_CHUNK_SECONDS,
+        help=f"with --stream: audio in the first chunk, shorter so it plays sooner (default {STREAM_FIRST_CHUNK_SECONDS} s)",
     )
     add_base_argument(parser)
     parser.add_argument(

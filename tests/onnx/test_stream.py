@@ -8,7 +8,12 @@ import soundfile as sf
 
 from tests.onnx.conftest import decoder_calls
 from tinymusician.generate import main as generate_main
-from tinymusician.onnx.runtime import STREAM_LOOKAHEAD_FRAMES, GenerationError, TinyMusicianONNX
+from tinymusician.onnx.runtime import (
+    STREAM_FIRST_CHUNK_SECONDS,
+    STREAM_LOOKAHEAD_FRAMES,
+    GenerationError,
+    TinyMusicianONNX,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -25,7 +30,10 @@ def test_streamed_chunks_concatenate_to_the_one_shot_audio(runtime, options):
     chunks = list(runtime.stream(PROMPTS, 3.0, chunk_seconds=0.5, **options))
     assert runtime.last_stats["chunks"] == len(chunks) >= 5
     hop = runtime.sampling_rate // runtime.frame_rate
-    assert all(c.shape[0] == 2 for c in chunks) and chunks[0].shape[1] == 25 * hop  # 0.5 s at 50 Hz
+    assert all(c.shape[0] == 2 for c in chunks)
+    assert (
+        chunks[0].shape[1] == 10 * hop and chunks[1].shape[1] == 25 * hop
+    )  # 0.2 s first, then 0.5 s at 50 Hz
     streamed = np.concatenate(chunks, axis=1)
     one_shot = runtime.generate(PROMPTS, 3.0, **options)
     assert streamed.shape == one_shot.shape
@@ -39,21 +47,29 @@ def test_without_context_and_lookahead_the_seams_are_wrong(runtime):
     assert np.abs(np.concatenate(chunks, axis=1) - one_shot).max() > 1e-2
 
 
-def test_the_first_chunk_comes_before_the_codes_are_done(runtime):
+@pytest.mark.parametrize(
+    ("first_chunk_seconds", "first_frames"), [(STREAM_FIRST_CHUNK_SECONDS, 10), (None, 25)]
+)
+def test_the_first_chunk_comes_before_the_codes_are_done(runtime, first_chunk_seconds, first_frames):
     with decoder_calls(runtime) as calls:
-        stream = runtime.stream(PROMPTS[:1], 3.0, chunk_seconds=0.5, do_sample=False)
+        stream = runtime.stream(
+            PROMPTS[:1], 3.0, chunk_seconds=0.5, first_chunk_seconds=first_chunk_seconds, do_sample=False
+        )
         next(stream)
         at_first_chunk = len(calls)
         list(stream)
     codebooks = runtime.facts["num_codebooks"]
-    # 25 frames of the chunk + the lookahead, each written in every codebook (the delay adds K - 1 steps)
-    assert at_first_chunk == 25 + STREAM_LOOKAHEAD_FRAMES + codebooks - 1 < len(calls) == 150 + codebooks - 1
+    # the first chunk's frames + the lookahead, each written in every codebook (the delay adds K - 1 steps)
+    assert at_first_chunk == first_frames + STREAM_LOOKAHEAD_FRAMES + codebooks - 1
+    assert at_first_chunk < len(calls) == 150 + codebooks - 1
     assert 0 < runtime.last_stats["first_audio_s"] < runtime.last_stats["compute_s"]
 
 
 def test_bad_stream_arguments_are_clear_errors(runtime):
     with pytest.raises(GenerationError, match="chunk_seconds=0"):
         next(runtime.stream("a tune", 1.0, chunk_seconds=0))
+    with pytest.raises(GenerationError, match="first_chunk_seconds=-1"):
+        next(runtime.stream("a tune", 1.0, first_chunk_seconds=-1))
     with pytest.raises(GenerationError, match="seconds=999"):
         next(runtime.stream("a tune", 999.0))
 
@@ -69,6 +85,11 @@ def test_generate_stream_writes_the_same_wav_chunk_by_chunk(bundle, tmp_path, ca
     assert np.abs(streamed.astype(int) - one_shot).max() <= 1  # 16-bit rounding
     assert generate_main(["calm piano", "--model", str(tiny_pair.student), "--stream"]) == 2
     assert "--stream needs an ONNX bundle" in capsys.readouterr().err
+    assert (
+        generate_main([*common, "--stream", "--first-chunk-seconds", "0", "--out", str(tmp_path / "z.wav")])
+        == 2
+    )
+    assert "first_chunk_seconds=0" in capsys.readouterr().err
 
 
 def test_long_clips_are_decoded_window_by_window_as_the_one_shot_decode(runtime, monkeypatch):

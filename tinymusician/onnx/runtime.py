@@ -110,6 +110,8 @@ TOKEN_IDS = ("pad_token_id", "decoder_start_token_id")
 # stream(): codec frames decoded on each side of a chunk. The tiny codec's one-shot decode is matched to 4e-7
 # with 32 on the left (its LSTM's memory) and 4 on the right (its non-causal convolutions); 8 leaves a margin.
 STREAM_CONTEXT_FRAMES = 32
+# the first chunk's audio: 10 frames at 50 Hz, so the first audio waits for 10 + lookahead + K - 1 decoder steps
+STREAM_FIRST_CHUNK_SECONDS = 0.2
 STREAM_LOOKAHEAD_FRAMES = 8
 # decode_audio(): longer clips are decoded in windows of this many seconds (the same overlap as stream()), so
 # the codec's activations are one window's: MusicGen's codec held 410 MB more for 10 s decoded at once, 140 MB
@@ -723,6 +725,7 @@ class TinyMusicianONNX:
         seconds: float = 10.0,
         *,
         chunk_seconds: float = 0.5,
+        first_chunk_seconds: float | None = STREAM_FIRST_CHUNK_SECONDS,
         context_frames: int = STREAM_CONTEXT_FRAMES,
         lookahead_frames: int = STREAM_LOOKAHEAD_FRAMES,
         guidance_scale: float | None = None,
@@ -736,20 +739,25 @@ class TinyMusicianONNX:
 
         The codec decoder runs on overlapping windows: ``context_frames`` already-played frames on the left (its
         LSTM forgets where a window starts) and ``lookahead_frames`` not-yet-played ones on the right (its
-        non-causal convolutions read ahead); only the samples between are emitted. Same decoding as
+        non-causal convolutions read ahead); only the samples between are emitted. The first chunk is shorter
+        (``first_chunk_seconds``; None: ``chunk_seconds``) so that playback starts sooner. Same decoding as
         :meth:`generate` (same seed, same codes); ``last_stats`` holds ``first_audio_s`` (time to the first chunk).
         """
         if do_sample and temperature <= 0:
             raise GenerationError(f"temperature={temperature}: must be > 0 (use do_sample=False for greedy)")
-        if not chunk_seconds > 0 or context_frames < 0 or lookahead_frames < 0:
+        first_chunk_seconds = chunk_seconds if first_chunk_seconds is None else first_chunk_seconds
+        if not (chunk_seconds > 0 and first_chunk_seconds > 0) or context_frames < 0 or lookahead_frames < 0:
             raise GenerationError(
-                f"chunk_seconds={chunk_seconds}, context_frames={context_frames}, lookahead_frames="
-                f"{lookahead_frames}: the chunk must be positive, context and lookahead >= 0"
+                f"chunk_seconds={chunk_seconds}, first_chunk_seconds={first_chunk_seconds}, context_frames="
+                f"{context_frames}, lookahead_frames={lookahead_frames}: chunks must be positive, context and "
+                "lookahead >= 0"
             )
         frames = self.frames_for(seconds)
-        chunk = max(1, round(chunk_seconds * self.frame_rate))
         # the codec graph reflect-pads its first convolution: every window needs min_frames frames
-        chunk = max(chunk, int(self.facts["min_frames"]) - lookahead_frames)
+        shortest = max(1, int(self.facts["min_frames"]) - lookahead_frames)
+        first, chunk = (
+            max(shortest, round(s * self.frame_rate)) for s in (first_chunk_seconds, chunk_seconds)
+        )
         num_codebooks = self.facts["num_codebooks"]
         started = time.perf_counter()
         input_ids, mask = self.encode_prompts(prompts)
@@ -760,7 +768,7 @@ class TinyMusicianONNX:
             final = min(frames, step - num_codebooks + 1)  # frames whose every codebook is written
             if final == frames:
                 until = frames
-            elif final - lookahead_frames - played >= chunk:
+            elif final - lookahead_frames - played >= (chunk if played else first):
                 until = final - lookahead_frames
             else:
                 continue
