@@ -336,8 +336,13 @@ def prepare(
 
 def prepared_options(args: argparse.Namespace, precisions: Sequence[str]) -> dict:
     """What decides the model and the bundles :func:`prepare` makes."""
-    return {k: vars(args)[k] for k in ("tiny", "decoder_layers", "backends")} | {
-        "precisions": list(precisions)
+    variants = sorted(p for p, _ in map(ort_backend, args.backends) if kernels.VARIANT.fullmatch(p))
+    return {
+        "tiny": args.tiny,
+        "decoder_layers": args.decoder_layers,
+        "precisions": list(precisions),
+        "s8": f"ort-{S8}" in args.backends,
+        "int4_variants": variants,
     }
 
 
