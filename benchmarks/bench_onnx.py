@@ -23,7 +23,8 @@ nothing is asserted on time. Printed per clip length, per backend:
 - step ms: decoding time per step (decoder + sampling); ``x floor``: that over the weight-streaming floor.
 - start / end ms: median step over the first and the last 10% of the steps, and end / start (the cost of a
   growing KV cache; target for ort-int8: end within 20% of start).
-- peak RSS (VmHWM of the backend's process) and bundle size.
+- peak RSS (VmHWM of the backend's process) and bundle size. Targets: ORT int8 peak <= its bundle + 500 MB, first
+  audio with ``--stream`` <= 1.5 s.
 
 Once per run: the weight-streaming floor, the time to read the int8 decoder's weight bytes (the initializers of
 onnx/decoder_model_merged_quantized.onnx; its file size is printed beside) once with ``--threads`` threads, in its
@@ -44,7 +45,11 @@ shallower student of the same width). ``bench_student_speed.py`` compares both, 
 uint8 weights; it saturates on AVX2 CPUs without VNNI, see tinymusician/onnx/export.py) and times it as
 ``ort-int8-s8`` beside the bundle's uint8 weights, to show what exactness costs on this CPU.
 
-    python benchmarks/bench_onnx.py [--seconds 10 [30 ...]] [--rounds 1] [--threads 2] [--tiny]
+``--workdir DIR`` keeps the saved model and the exported bundles in DIR; a later run with the same model options
+(``--tiny``, ``--decoder-layers``, the comparison precisions its backends name) reuses them instead of exporting
+again (MusicGen-Small: about 8 minutes).
+
+    python benchmarks/bench_onnx.py [--seconds 10 [30 ...]] [--rounds 1] [--threads 2] [--tiny] [--workdir DIR]
                                     [--backends ...] [--int4-variants [accA-bB ...]] [--int8-weights-too]
                                     [--guidance-scale 3] [--decoder-layers N] [--batch 1] [--stream]
 """
@@ -70,7 +75,10 @@ MERGED_BACKENDS = ("ort-fp32-merged", "ort-int8-merged", "ort-int4-merged")
 DEFAULT_MERGED = ("ort-int8-merged",)
 PRECISIONS = ("fp32", "int8", "int4")  # what the bundle is exported in
 S8 = "int8-s8"  # the comparison-only precision: int8 (U8S8) weights, exported as onnx/*_int8.onnx
-FLOOR_GRAPH = "onnx/decoder_model_merged_quantized.onnx"  # the int8 decoder: its weights set the floor
+FLOOR_GRAPH = "onnx/decoder_model_merged_quantized.onnx"
+STREAM_CHUNKS = (
+    "the runtime's default chunks: 0.2 s first, then 0.5 s"  # the int8 decoder: its weights set the floor
+)
 
 
 def runtime_has_decoder_option() -> bool:
@@ -430,7 +438,7 @@ def print_length(
     for backend, stats in best.items():
         if "first_audio_s" in stats:
             print(
-                f"{backend} streamed (0.5 s chunks): first audio after {stats['first_audio_s']:.2f} s, RTF "
+                f"{backend} streamed ({STREAM_CHUNKS}): first audio after {stats['first_audio_s']:.2f} s, RTF "
                 f"{stats['stream_rtf']:.3f}, max |streamed - one-shot| {stats['stream_max_diff']:.1e}"
             )
     int8 = best.get("ort-int8")
@@ -461,6 +469,17 @@ def print_length(
         faster = int8["decoder_step_ms"] / best["ort-int4"]["decoder_step_ms"]
         print(
             f"target ORT int4 >= 1.3x faster than int8: {faster:.2f}x {'PASS' if faster >= 1.3 else 'FAIL'}"
+        )
+    if int8 and "first_audio_s" in int8:
+        first = int8["first_audio_s"]
+        print(
+            f"target ORT int8 first audio (--stream) <= 1.5 s: {first:.2f} s {'PASS' if first <= 1.5 else 'FAIL'}"
+        )
+    if int8 and "ort-int8" in sizes:
+        peak, limit = int8["peak_rss_mb"], sizes["ort-int8"] + 500
+        print(
+            f"target ORT int8 peak RSS <= bundle + 500 MB: {peak:.0f} MB (limit {limit:.0f}) "
+            f"{'PASS' if peak <= limit else 'FAIL'}"
         )
 
 
