@@ -114,8 +114,8 @@ STREAM_CONTEXT_FRAMES = 32
 STREAM_FIRST_CHUNK_SECONDS = 0.2
 STREAM_LOOKAHEAD_FRAMES = 8
 # decode_audio(): longer clips are decoded in windows of this many seconds (the same overlap as stream()), so
-# the codec's activations are one window's: MusicGen's codec held 410 MB more for 10 s decoded at once, 140 MB
-# for 2 s windows; 3 s windows cost ~20% more codec time (the overlap) and match the one-shot audio to ~1e-7
+# the codec's activations are one window's. MusicGen's codec on 10 s: 410 MB more at once, 270 MB with 5 s
+# windows, 140 MB with 2 s ones, which cost 10% / 32% more codec time (the overlap); audio equal to ~1e-7
 DECODE_WINDOW_SECONDS = 3.0
 VERIFIED_FILE = "verified-onnx.json"  # in the cache dir: graph files already hashed (see check_files)
 VERIFIED_LIMIT = 512
