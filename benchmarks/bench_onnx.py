@@ -75,10 +75,8 @@ MERGED_BACKENDS = ("ort-fp32-merged", "ort-int8-merged", "ort-int4-merged")
 DEFAULT_MERGED = ("ort-int8-merged",)
 PRECISIONS = ("fp32", "int8", "int4")  # what the bundle is exported in
 S8 = "int8-s8"  # the comparison-only precision: int8 (U8S8) weights, exported as onnx/*_int8.onnx
-FLOOR_GRAPH = "onnx/decoder_model_merged_quantized.onnx"
-STREAM_CHUNKS = (
-    "the runtime's default chunks: 0.2 s first, then 0.5 s"  # the int8 decoder: its weights set the floor
-)
+FLOOR_GRAPH = "onnx/decoder_model_merged_quantized.onnx"  # the int8 decoder: its weights set the floor
+STREAM_CHUNKS = "the runtime's default chunks: 0.2 s first, then 0.5 s"
 
 
 def runtime_has_decoder_option() -> bool:

@@ -234,6 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"--stream needs an ONNX bundle; --model {args.model} is a PyTorch model: export it with "
                     f"`python -m tinymusician.export {args.model} --out bundle` or drop --stream"
                 )
+            for flag, value in (
+                ("--chunk-seconds", args.chunk_seconds),
+                ("--first-chunk-seconds", args.first_chunk_seconds),
+            ):
+                if not math.isfinite(value) or value <= 0:  # before any WAV is opened
+                    raise GenerationError(f"{flag} {value}: must be a positive number of seconds")
             paths, sample_rate, stats = run_stream(args)
             print(
                 f"Streamed {', '.join(map(str, paths))}: {len(paths)} x {stats['audio_s']:.2f} s at {sample_rate} "
