@@ -356,14 +356,13 @@ def reuse(
     args: argparse.Namespace, scratch: Path, precisions: Sequence[str]
 ) -> tuple[Path, Path, dict] | None:
     """``--workdir``: the model and bundles an earlier run with the same options left there, or None."""
-    record = scratch / "prepared.json"
-    if not record.is_file() or json.loads(record.read_text())["options"] != prepared_options(
-        args, precisions
-    ):
-        record.unlink(missing_ok=True)
+    path = scratch / "prepared.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    if record.get("options") != prepared_options(args, precisions):
+        path.unlink(missing_ok=True)
         return None
     print(f"reusing the model and bundles in {scratch} (--workdir)", flush=True)
-    manifest = json.loads(record.read_text())["manifest"]
+    manifest = record["manifest"]
     if f"ort-{S8}" in args.backends:
         register_s8(exporter=False)
     kernels.register_int4_variants(manifest.get("variant_mb", {}), exporter=False)
