@@ -14,7 +14,8 @@ bundle/
 The two fast graphs (default; ``fast_decoder=False`` skips them) are what :class:`TinyMusicianONNX` steps with:
 the merged decoder (kept as it is for transformers.js) returns a concatenated copy of the whole cache at every
 step, so a step's cost grows with the clip; the fast decoder writes one position of fixed-capacity buffers in
-place (``com.microsoft.GroupQueryAttention``, see :class:`~tinymusician.onnx.graphs.FastDecoderGraph`).
+place (``com.microsoft.GroupQueryAttention``; cross-attention over the text is one
+``com.microsoft.MultiHeadAttention``; see :class:`~tinymusician.onnx.graphs.FastDecoderGraph`).
 
 Suffixes are transformers.js's (``_quantized`` = its ``q8`` dtype, ``_q4`` = ``q4``), so a per-file dtype map
 such as ``{text_encoder: "q8", decoder_model_merged: "q8", encodec_decode: "fp32"}`` picks them. 8-bit is
@@ -161,7 +162,8 @@ def fast_decoder_facts(model: MusicgenForConditionalGeneration, cache_dtype: str
     return {
         "graphs": list(FAST_GRAPHS),
         "cache_dtype": cache_dtype,
-        "attention": "com.microsoft.GroupQueryAttention (past and present bound to one buffer)",
+        "attention": "com.microsoft.GroupQueryAttention on packed q|k|v (past and present bound to one buffer)",
+        "text_attention": "com.microsoft.MultiHeadAttention (keys/values [B, H, L, D], key padding mask)",
         "max_cache_positions": int(model.decoder.config.max_position_embeddings),
     }
 

@@ -168,13 +168,19 @@ class LeanDecoderGraph(nn.Module):
             kv += [self._split_heads(key), self._split_heads(value)]
         return kv
 
+    def attend_text(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, masks: tuple
+    ) -> torch.Tensor:
+        """Cross-attention of ``query [B, T, width]`` over the text's keys/values ``[B, H, L, D]``."""
+        return self._attend(query, key, value, *masks)
+
     def rest_of_layer(
         self, index: int, hidden: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor], masks: tuple
     ) -> torch.Tensor:
         """Cross-attention over the text and the MLP of layer ``index`` (after its self-attention)."""
         layer = self.layers[index]
         x = layer.encoder_attn_layer_norm(hidden)
-        attended = self._attend(layer.encoder_attn.q_proj(x), *cross, *masks)
+        attended = self.attend_text(layer.encoder_attn.q_proj(x), *cross, masks)
         hidden = hidden + layer.encoder_attn.out_proj(attended)
         x = layer.final_layer_norm(hidden)
         return hidden + layer.fc2(layer.activation_fn(layer.fc1(x)))
@@ -225,16 +231,17 @@ class InPlaceAttention(torch.autograd.Function):
     """Causal self-attention of new tokens over a fixed-capacity cache that is written in place.
 
     Exported as ONNX Runtime's ``com.microsoft.GroupQueryAttention`` (kv heads = heads: MusicGen's plain
-    multi-head attention): the new keys/values go to position ``seqlens_k + 1 - length`` of ``past_*``, and the
+    multi-head attention) on the packed ``q|k|v`` projection (slicing it apart cost 10 small ops per layer
+    and step): the new keys/values go to position ``seqlens_k + 1 - length`` of ``past_*``, and the
     product reads only the first ``total_length`` positions. When ``present_*`` is bound to the same buffer
     as ``past_*`` (IO binding), ONNX Runtime copies nothing: the step no longer concatenates and re-reads a
     growing cache. ``forward`` is the same math in torch (a reference; the exporter uses ``symbolic``).
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads: int):  # noqa: ANN001, ANN205
+    def forward(ctx, qkv, past_key, past_value, seqlens_k, total_length, num_heads: int, head_dim: int):  # noqa: ANN001, ANN205
+        query, key, value = qkv.chunk(3, dim=-1)
         batch, length, width = query.shape
-        head_dim = width // num_heads
         start = int(seqlens_k[0]) + 1 - length
 
         def split(x: torch.Tensor) -> torch.Tensor:
@@ -252,12 +259,15 @@ class InPlaceAttention(torch.autograd.Function):
         return out.reshape(batch, length, width), present_key, present_value
 
     @staticmethod
-    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads):  # noqa: ANN001, ANN205
+    def symbolic(g, qkv, past_key, past_value, seqlens_k, total_length, num_heads, head_dim):  # noqa: ANN001, ANN205
+        from torch.onnx import symbolic_helper
+
+        absent = symbolic_helper._optional_input_placeholder_tensor(g)  # packed q|k|v: no key, no value
         out, present_key, present_value = g.op(
             "com.microsoft::GroupQueryAttention",
-            query,
-            key,
-            value,
+            qkv,
+            absent,
+            absent,
             past_key,
             past_value,
             seqlens_k,
@@ -266,7 +276,9 @@ class InPlaceAttention(torch.autograd.Function):
             kv_num_heads_i=num_heads,
             outputs=3,
         )
-        out.setType(query.type())
+        out.setType(  # one third of the packed width
+            qkv.type().with_sizes([None, None, num_heads * head_dim])
+        )
         present_key.setType(past_key.type())
         present_value.setType(past_value.type())
         return out, present_key, present_value
@@ -304,21 +316,58 @@ class FastDecoderGraph(LeanDecoderGraph):
         own, cross = caches[: 2 * num_layers], caches[2 * num_layers :]
         position = self.positions.index_select(0, seqlens_k[:1].long())
         hidden = self.embed(input_ids, position)
-        masks = self.text_masks(encoder_attention_mask, hidden.dtype)
+        has_text = (encoder_attention_mask.sum(-1) > 0).to(hidden.dtype)[:, None, None]
+        masks = encoder_attention_mask.to(torch.int32), has_text
         present: list[torch.Tensor] = []
         for index, layer in enumerate(self.layers):
             x = layer.self_attn_layer_norm(hidden)
-            query, key, value = torch.nn.functional.linear(x, self.self_qkv[index]).chunk(3, dim=-1)
-            if self.cache_dtype != torch.float32:
-                query, key, value = (t.to(self.cache_dtype) for t in (query, key, value))
+            qkv = torch.nn.functional.linear(x, self.self_qkv[index])
+            if self.cache_dtype != qkv.dtype:  # the tracer records even a same-type .to() as a Cast
+                qkv = qkv.to(self.cache_dtype)
             attended, *cache = InPlaceAttention.apply(
-                query, key, value, own[2 * index], own[2 * index + 1], seqlens_k, total_sequence_length,
-                self.num_heads,
+                qkv, own[2 * index], own[2 * index + 1], seqlens_k, total_sequence_length, self.num_heads,
+                self.head_dim,
             )  # fmt: skip
-            hidden = hidden + layer.self_attn.out_proj(attended.to(hidden.dtype))
+            if attended.dtype != hidden.dtype:
+                attended = attended.to(hidden.dtype)
+            hidden = hidden + layer.self_attn.out_proj(attended)
             hidden = self.rest_of_layer(index, hidden, (cross[2 * index], cross[2 * index + 1]), masks)
             present += cache
         return (self.logits(hidden), *present)
+
+    def attend_text(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, masks: tuple
+    ) -> torch.Tensor:
+        """One ``com.microsoft.MultiHeadAttention`` (the text keys/values in ``[B, H, L, D]``, padding as a
+        ``[B, L]`` key mask) instead of ~23 reshapes, transposes, matmuls and shape ops per layer and step; a row
+        with no visible text gets a zero output, as in :meth:`LeanDecoderGraph.text_masks`."""
+        key_mask, has_text = masks
+        return TextAttention.apply(query, key, value, key_mask, self.num_heads) * has_text
+
+
+class TextAttention(torch.autograd.Function):
+    """Cross-attention over cached text keys/values with a key padding mask, exported as ONNX Runtime's
+    ``com.microsoft.MultiHeadAttention``; ``forward`` is the same math in torch (a reference for tracing)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, key_mask, num_heads: int):  # noqa: ANN001, ANN205
+        batch, length, width = query.shape
+        heads = query.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
+        scores = torch.matmul(heads, key.transpose(2, 3)) * (width // num_heads) ** -0.5
+        scores = scores.masked_fill(key_mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
+        out = torch.matmul(torch.softmax(scores, dim=-1), value).transpose(1, 2)
+        return out.reshape(batch, length, width)
+
+    @staticmethod
+    def symbolic(g, query, key, value, key_mask, num_heads):  # noqa: ANN001, ANN205
+        from torch.onnx import symbolic_helper
+
+        absent = symbolic_helper._optional_input_placeholder_tensor(g)  # no bias
+        out = g.op(
+            "com.microsoft::MultiHeadAttention", query, key, value, absent, key_mask, num_heads_i=num_heads
+        )
+        out.setType(query.type())
+        return out
 
 
 class TextKVGraph(LeanDecoderGraph):
