@@ -90,6 +90,11 @@ def _fused(*linears: nn.Linear) -> torch.Tensor:
     return torch.cat([linear.weight.detach() for linear in linears], dim=0).clone()
 
 
+def rows_with_text(encoder_attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B]``: 1 where a row sees any text, 0 for a fully masked one (the unconditional half of guidance)."""
+    return (encoder_attention_mask.sum(-1) > 0).to(dtype)
+
+
 class LeanDecoderGraph(nn.Module):
     """The same decoder call as :class:`DecoderGraph`, written out with MusicGen's own weights.
 
@@ -153,7 +158,7 @@ class LeanDecoderGraph(nn.Module):
         Text padding is masked out of cross-attention; a fully masked row (the unconditional half of guidance)
         gets a zero output, as torch's SDPA gives (its cached keys/values are zero anyway)."""
         visible = encoder_attention_mask[:, None, None, :].to(dtype)
-        has_text = (visible.sum(-1, keepdim=True) > 0).to(dtype)
+        has_text = rows_with_text(encoder_attention_mask, dtype)[:, None, None, None]
         return (1.0 - visible) * torch.finfo(dtype).min, has_text
 
     def text_kv(self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor) -> list:
@@ -284,6 +289,31 @@ class InPlaceAttention(torch.autograd.Function):
         return out, present_key, present_value
 
 
+class TextAttention(torch.autograd.Function):
+    """Cross-attention over cached text keys/values with a key padding mask, exported as ONNX Runtime's
+    ``com.microsoft.MultiHeadAttention``; ``forward`` is the same math in torch (a reference for tracing)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, key_mask, num_heads: int):  # noqa: ANN001, ANN205
+        batch, length, width = query.shape
+        heads = query.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
+        scores = torch.matmul(heads, key.transpose(2, 3)) * (width // num_heads) ** -0.5
+        scores = scores.masked_fill(key_mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
+        out = torch.matmul(torch.softmax(scores, dim=-1), value).transpose(1, 2)
+        return out.reshape(batch, length, width)
+
+    @staticmethod
+    def symbolic(g, query, key, value, key_mask, num_heads):  # noqa: ANN001, ANN205
+        from torch.onnx import symbolic_helper
+
+        absent = symbolic_helper._optional_input_placeholder_tensor(g)  # no bias
+        out = g.op(
+            "com.microsoft::MultiHeadAttention", query, key, value, absent, key_mask, num_heads_i=num_heads
+        )
+        out.setType(query.type())
+        return out
+
+
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -316,7 +346,7 @@ class FastDecoderGraph(LeanDecoderGraph):
         own, cross = caches[: 2 * num_layers], caches[2 * num_layers :]
         position = self.positions.index_select(0, seqlens_k[:1].long())
         hidden = self.embed(input_ids, position)
-        has_text = (encoder_attention_mask.sum(-1) > 0).to(hidden.dtype)[:, None, None]
+        has_text = rows_with_text(encoder_attention_mask, hidden.dtype)[:, None, None]
         masks = encoder_attention_mask.to(torch.int32), has_text
         present: list[torch.Tensor] = []
         for index, layer in enumerate(self.layers):
@@ -343,31 +373,6 @@ class FastDecoderGraph(LeanDecoderGraph):
         with no visible text gets a zero output, as in :meth:`LeanDecoderGraph.text_masks`."""
         key_mask, has_text = masks
         return TextAttention.apply(query, key, value, key_mask, self.num_heads) * has_text
-
-
-class TextAttention(torch.autograd.Function):
-    """Cross-attention over cached text keys/values with a key padding mask, exported as ONNX Runtime's
-    ``com.microsoft.MultiHeadAttention``; ``forward`` is the same math in torch (a reference for tracing)."""
-
-    @staticmethod
-    def forward(ctx, query, key, value, key_mask, num_heads: int):  # noqa: ANN001, ANN205
-        batch, length, width = query.shape
-        heads = query.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
-        scores = torch.matmul(heads, key.transpose(2, 3)) * (width // num_heads) ** -0.5
-        scores = scores.masked_fill(key_mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
-        out = torch.matmul(torch.softmax(scores, dim=-1), value).transpose(1, 2)
-        return out.reshape(batch, length, width)
-
-    @staticmethod
-    def symbolic(g, query, key, value, key_mask, num_heads):  # noqa: ANN001, ANN205
-        from torch.onnx import symbolic_helper
-
-        absent = symbolic_helper._optional_input_placeholder_tensor(g)  # no bias
-        out = g.op(
-            "com.microsoft::MultiHeadAttention", query, key, value, absent, key_mask, num_heads_i=num_heads
-        )
-        out.setType(query.type())
-        return out
 
 
 class TextKVGraph(LeanDecoderGraph):
