@@ -14,8 +14,8 @@ same prompt in its own process (so peak RSS is that backend's alone):
 
 Every run: ``--seconds`` of audio (10; several lengths: ``--seconds 10 30``, up to 40.9 s for MusicGen-Small,
 20.4 s for the tiny student), classifier-free guidance 3, top-k 250 sampling, seed 0, batch 1, ``--threads`` CPU
-threads (2). Backends run in turn, ``--rounds`` times round-robin; the best round counts. Exits 0 either way;
-nothing is asserted on time. Printed per clip length, per backend:
+threads (2). Backends run in turn, ``--rounds`` times round-robin; the best round counts in the table. Exits 0
+either way; nothing is asserted on time. Printed per clip length, per backend:
 
 - RTF: seconds of compute (text encoder + decoding + codec decoder) per second of audio; < 1 is faster than
   real time. Targets: ORT int8 RTF <= 1.0, >= 10x faster than PyTorch fp32 eager, its step <= 1.3x the
@@ -25,6 +25,11 @@ nothing is asserted on time. Printed per clip length, per backend:
   growing KV cache; target for ort-int8: end within 20% of start).
 - peak RSS (VmHWM of the backend's process) and bundle size. Targets: ORT int8 peak <= its bundle + 500 MB, first
   audio with ``--stream`` <= 1.5 s.
+
+With ``--rounds`` > 1, the ratios the targets name are also taken within each round (the floor is measured
+again at the start of every round), so each compares runs a few seconds apart on an equally busy machine: the
+median and range over the rounds are printed beside the best-of figures (this machine's speed drifts up to ~1.8x
+between runs, which best-of-each-separately can turn into a ratio no single moment showed).
 
 Once per run: the weight-streaming floor, the time to read the int8 decoder's weight bytes (the initializers of
 onnx/decoder_model_merged_quantized.onnx; its file size is printed beside) once with ``--threads`` threads, in its
@@ -480,6 +485,51 @@ def print_length(
         )
 
 
+FLOOR = "floor"  # a round's pseudo-backend: the weight-streaming floor measured at its start
+# name, numerator backend, denominator backend, the quantity (or numerator / denominator quantities), target
+PAIRED = (
+    ("ORT int8 step / floor", "ort-int8", FLOOR, "decoder_step_ms", ("<=", 1.3)),
+    ("ORT int8 end / start step", "ort-int8", "ort-int8", ("step_end_ms", "step_start_ms"), ("<=", 1.2)),
+    ("PyTorch fp32 / ORT int8 RTF", "torch-fp32", "ort-int8", "rtf", (">=", 10.0)),
+    ("ORT int8 / int4 step", "ort-int8", "ort-int4", "decoder_step_ms", (">=", 1.3)),
+    ("ORT int8 merged / fast step", "ort-int8-merged", "ort-int8", "decoder_step_ms", None),
+)
+
+
+def paired_ratios(rounds: Sequence[dict[str, dict]]) -> dict[str, list[float]]:
+    """Each :data:`PAIRED` ratio within every round that ran both of its sides."""
+    ratios: dict[str, list[float]] = {}
+    for name, top, bottom, key, _ in PAIRED:
+        top_key, bottom_key = key if isinstance(key, tuple) else (key, key)
+        for backends in rounds:
+            if top_key in backends.get(top, {}) and bottom_key in backends.get(bottom, {}):
+                ratios.setdefault(name, []).append(backends[top][top_key] / backends[bottom][bottom_key])
+    return ratios
+
+
+def print_paired(rounds: Sequence[dict[str, dict]]) -> None:
+    """The targets' ratios taken within each round: median, range and count; a target judges the median."""
+    import statistics
+
+    ratios = paired_ratios(rounds)
+    if ratios:
+        print(
+            f"paired within each of {len(rounds)} rounds (median [min - max] over the rounds that ran both):"
+        )
+    for name, *_, target in PAIRED:
+        if name not in ratios:
+            continue
+        values = ratios[name]
+        median = statistics.median(values)
+        verdict = ""
+        if target:
+            sign, bound = target
+            verdict = (
+                f"  target {sign} {bound:g}: {'PASS' if (median <= bound) == (sign == '<=') else 'FAIL'}"
+            )
+        print(f"  {name:<30}{median:>7.2f} [{min(values):.2f} - {max(values):.2f}], n={len(values)}{verdict}")
+
+
 def print_numerics(logits: dict) -> None:
     """Every backend's first-step logits (arrays) against ort-fp32's (or torch-fp32's)."""
     reference_name = next((b for b in ("ort-fp32", "torch-fp32") if b in logits), None)
@@ -589,10 +639,17 @@ def main() -> None:
         fp32_mb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 1e6
         (logits_dir := Path(scratch, "logits")).mkdir(exist_ok=True)
         best: dict[float, dict[str, dict]] = {s: {} for s in lengths}
+        rounds: dict[float, list[dict[str, dict]]] = {s: [] for s in lengths}  # per round: backend -> stats
         logits: dict[str, np.ndarray] = {}
+        floors_ms = [floor["floor_ms"]] if floor else []
         for seconds in lengths:
             options = argparse.Namespace(**{**vars(args), "seconds": seconds})
             for round_index in range(args.rounds):
+                rounds[seconds].append({})
+                if floor and args.rounds > 1:
+                    if round_index or seconds != lengths[0]:  # the first round's is the one just measured
+                        floors_ms.append(run_floor(bundle, args.threads)["floor_ms"])
+                    rounds[seconds][-1][FLOOR] = {"decoder_step_ms": floors_ms[-1]}
                 for backend in args.backends:
                     out = (
                         logits_dir / f"{backend}.npy" if seconds == lengths[0] and round_index == 0 else None
@@ -609,14 +666,13 @@ def main() -> None:
                         f"{stats['decoder_step_ms']:.1f} ms",
                         flush=True,
                     )
+                    rounds[seconds][-1][backend] = stats
                     if backend not in best[seconds] or stats["rtf"] < best[seconds][backend]["rtf"]:
                         best[seconds][backend] = stats
-        if floor:  # again after the backends (another process may share the cores): the faster counts
+        if floor:  # again after the backends (another process may share the cores): the fastest counts
             again = run_floor(bundle, args.threads)
-            floor = {
-                **min(floor, again, key=lambda f: f["floor_ms"]),
-                "floor_runs_ms": [floor["floor_ms"], again["floor_ms"]],
-            }
+            floors_ms.append(again["floor_ms"])
+            floor = {**min(floor, again, key=lambda f: f["floor_ms"]), "floor_runs_ms": floors_ms}
 
     sizes = {
         "torch-fp32": fp32_mb,
@@ -632,11 +688,13 @@ def main() -> None:
             f"\nweight-streaming floor: the int8 decoder's initializers, {floor['weight_bytes'] / 1e6:.1f} MB "
             f"(file {floor['file_bytes'] / 1e6:.1f} MB), read once by {args.threads} threads "
             f"({floor['floor_kernel']}, best of {floor['floor_repeats']}): {floor_ms:.2f} ms "
-            f"= {floor['floor_gbs']:.1f} GB/s (before / after the backends: "
+            f"= {floor['floor_gbs']:.1f} GB/s (each time it ran, first to last: "
             f"{' / '.join(f'{ms:.2f}' for ms in floor['floor_runs_ms'])} ms); 'x floor' = step ms / this"
         )
     for seconds in lengths:
         print_length(seconds, best[seconds], sizes, floor_ms, args)
+        if args.rounds > 1:
+            print_paired(rounds[seconds])
     if logits:
         print_numerics(logits)
     if len(lengths) > 1:
