@@ -40,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cache-dtype",
-        choices=["float32", "float16"],
-        default="float32",
-        help="what the fast decoder's self-attention cache stores (float16: half the bytes per step)",
+        choices=["auto", "float32", "float16", "int8"],
+        default="auto",
+        help="what the fast decoder's self-attention cache stores (auto: float32 for fp32 graphs, int8 for "
+        "int8/int4 ones, a quarter of the bytes a late step reads; float16: half)",
     )
     parser.add_argument("--no-check", action="store_true", help="skip the parity and generation check")
     return parser

@@ -256,10 +256,10 @@ def test_transformers_js_generates_the_same_codes(bundle, student, tokenizer, tm
         ref_audio, ref_codes = torch_generate(
             student, tokenizer, PROMPTS, frames, guidance_scale=guidance, do_sample=False
         )
-    else:  # the same int8 graphs through ONNX Runtime in Python
-        ref_audio, ref_codes = TinyMusicianONNX(bundle, precision=precision, threads=1).generate(
-            PROMPTS, frames / 50, guidance_scale=guidance, do_sample=False, return_codes=True
-        )
+    else:  # the same int8 graph (the merged decoder) through ONNX Runtime in Python
+        ref_audio, ref_codes = TinyMusicianONNX(
+            bundle, precision=precision, threads=1, decoder="merged"
+        ).generate(PROMPTS, frames / 50, guidance_scale=guidance, do_sample=False, return_codes=True)
     assert codes.shape == ref_codes.shape
     # transformers.js does not force the end of the delay pattern to pad (REFERENCES.md): only codes in the
     # last K-1 frames may differ, at most (K-2)(K-1)/2 of them per prompt.

@@ -63,6 +63,7 @@ from tinymusician.onnx.graphs import (
     text_encoder_spec,
     text_kv_spec,
 )
+from tinymusician.onnx.kv_cache import calibrate_kv_scales
 from tinymusician.onnx.layout import FAST_GRAPHS, FORMAT, FORMAT_VERSION, GRAPHS, PRECISIONS, graph_file
 from tinymusician.onnx.merge import merge_decoders
 from tinymusician.onnx.runtime import file_sha256
@@ -136,6 +137,18 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = INT4_BLOCK_SIZE) -> 
 
 
 QUANTIZERS = {"fp32": lambda model: model, "int8": quantize_int8, "int4": quantize_int4}
+# cache_dtype="auto": the fp32 graphs keep an fp32 cache (their codes equal the merged decoder's), the quantized
+# ones store it in int8 (a quarter of the bytes a late step reads; their weights are approximate anyway)
+AUTO_CACHE_DTYPES = {"fp32": "float32", "int8": "int8", "int4": "int8"}
+
+
+def resolve_cache_dtypes(cache_dtype: str, precisions: Iterable[str]) -> dict[str, str]:
+    """``precision -> cache dtype`` of the fast decoder graphs (``auto``: :data:`AUTO_CACHE_DTYPES`)."""
+    if cache_dtype != "auto" and cache_dtype not in CACHE_DTYPES:
+        raise ExportError(f"cache_dtype={cache_dtype!r}: choose from {['auto', *CACHE_DTYPES]}")
+    return {
+        p: AUTO_CACHE_DTYPES.get(p, "float32") if cache_dtype == "auto" else cache_dtype for p in precisions
+    }
 
 
 def model_facts(model: MusicgenForConditionalGeneration) -> dict[str, Any]:
@@ -157,11 +170,15 @@ def model_facts(model: MusicgenForConditionalGeneration) -> dict[str, Any]:
     }
 
 
-def fast_decoder_facts(model: MusicgenForConditionalGeneration, cache_dtype: str) -> dict[str, Any]:
-    """manifest.json's ``fast_decoder``: its graphs, cache storage, and the attention op ONNX Runtime needs."""
+def fast_decoder_facts(
+    model: MusicgenForConditionalGeneration, cache_dtypes: dict[str, str], calibration: dict[str, Any] | None
+) -> dict[str, Any]:
+    """manifest.json's ``fast_decoder``: its graphs, cache storage per precision (and, for int8, how its scales
+    were calibrated), and the attention op ONNX Runtime needs."""
     return {
         "graphs": list(FAST_GRAPHS),
-        "cache_dtype": cache_dtype,
+        "cache_dtype": cache_dtypes,
+        **({"kv_scales": calibration} if calibration else {}),
         "attention": "com.microsoft.GroupQueryAttention on packed q|k|v (past and present bound to one buffer)",
         "text_attention": "com.microsoft.MultiHeadAttention (keys/values [B, H, L, D], key padding mask)",
         "max_cache_positions": int(model.decoder.config.max_position_embeddings),
@@ -201,18 +218,18 @@ def export_bundle(
     source: str = "",
     max_text_tokens: int = 256,
     fast_decoder: bool = True,
-    cache_dtype: str = "float32",
+    cache_dtype: str = "auto",
 ) -> dict[str, Any]:
     """Export ``model`` into ``out_dir`` and return the manifest (also written to ``manifest.json``).
 
-    ``fast_decoder``: also write the in-place-cache decoder graphs; ``cache_dtype`` (``float32`` or
-    ``float16``) is what their self-attention cache stores."""
+    ``fast_decoder``: also write the in-place-cache decoder graphs; ``cache_dtype`` (``float32``, ``float16``,
+    ``int8`` or ``auto``: fp32 for the fp32 graphs, int8 for the quantized ones) is what their self-attention
+    cache stores; int8 scales are calibrated on the model's own generation (:mod:`tinymusician.onnx.kv_cache`)."""
     precisions = list(dict.fromkeys(precisions))
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
         raise ExportError(f"precision {unknown or precisions}: choose from {list(PRECISIONS)}")
-    if cache_dtype not in CACHE_DTYPES:
-        raise ExportError(f"cache_dtype={cache_dtype!r}: choose from {list(CACHE_DTYPES)}")
+    cache_dtypes = resolve_cache_dtypes(cache_dtype, precisions)
     if model.config.decoder.audio_channels != 1:
         raise ExportError("stereo MusicGen is not supported by the exporter (transformers.js decodes mono)")
     if not getattr(tokenizer, "is_fast", False):
@@ -235,6 +252,9 @@ def export_bundle(
         files[relative] = {"graph": graph, "precision": precision, "bytes": path.stat().st_size}
         log.info("wrote %s (%.1f MB)", relative, path.stat().st_size / 1e6)
 
+    kv_scales, calibration = None, None
+    if fast_decoder and "int8" in cache_dtypes.values():
+        kv_scales, calibration = calibrate_kv_scales(model, tokenizer)
     with tempfile.TemporaryDirectory() as scratch:
         traced = {}
         specs = [
@@ -244,10 +264,12 @@ def export_bundle(
             ("encodec_decode", encodec_decode_spec),
         ]
         if fast_decoder:
-            specs += [
-                ("decoder_fast", lambda m: fast_decoder_spec(m, cache_dtype)),
-                ("decoder_text_kv", text_kv_spec),
-            ]
+            for dtype in dict.fromkeys(cache_dtypes.values()):
+                scales = kv_scales if dtype == "int8" else None
+                specs.append(
+                    (f"decoder_fast_{dtype}", lambda m, d=dtype, k=scales: fast_decoder_spec(m, d, k))
+                )
+            specs.append(("decoder_text_kv", text_kv_spec))
         for name, spec in specs:
             log.info("tracing %s", name)
             traced[name] = export_graph(spec(model), Path(scratch, f"{name}.onnx"), opset)
@@ -260,7 +282,8 @@ def export_bundle(
             cached = quantize(onnx.load(traced["decoder_cached"]))
             record("decoder_model_merged", precision, merge_decoders(first, cached))
             for graph in FAST_GRAPHS if fast_decoder else ():
-                record(graph, precision, quantize(onnx.load(traced[graph])))
+                source = f"{graph}_{cache_dtypes[precision]}" if graph == "decoder_fast" else graph
+                record(graph, precision, quantize(onnx.load(traced[source])))
     for relative, entry in files.items():
         entry["sha256"] = file_sha256(out / relative)
 
@@ -279,7 +302,7 @@ def export_bundle(
         "graphs": [*GRAPHS, *(FAST_GRAPHS if fast_decoder else ())],
         "files": files,
         "model": model_facts(model),
-        **({"fast_decoder": fast_decoder_facts(model, cache_dtype)} if fast_decoder else {}),
+        **({"fast_decoder": fast_decoder_facts(model, cache_dtypes, calibration)} if fast_decoder else {}),
         # a guidance-distilled student generates in one pass by default (the runtime reads default_scale)
         "guidance": {
             "distilled_scale": guidance_distilled_scale(model),

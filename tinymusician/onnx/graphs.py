@@ -240,11 +240,14 @@ class InPlaceAttention(torch.autograd.Function):
     and step): the new keys/values go to position ``seqlens_k + 1 - length`` of ``past_*``, and the
     product reads only the first ``total_length`` positions. When ``present_*`` is bound to the same buffer
     as ``past_*`` (IO binding), ONNX Runtime copies nothing: the step no longer concatenates and re-reads a
-    growing cache. ``forward`` is the same math in torch (a reference; the exporter uses ``symbolic``).
+    growing cache. An int8 cache (``key_scale``/``value_scale`` given, ``[H * D]`` per channel) stores
+    ``round(x / scale)``, saturated to int8, and GroupQueryAttention dequantizes it as it reads. ``forward`` is
+    the same math in torch (a reference; the exporter uses ``symbolic``).
     """
 
     @staticmethod
-    def forward(ctx, qkv, past_key, past_value, seqlens_k, total_length, num_heads: int, head_dim: int):  # noqa: ANN001, ANN205
+    def forward(ctx, qkv, past_key, past_value, seqlens_k, total_length, key_scale, value_scale,  # noqa: ANN001, ANN205
+                num_heads: int, head_dim: int):  # fmt: skip
         query, key, value = qkv.chunk(3, dim=-1)
         batch, length, width = query.shape
         start = int(seqlens_k[0]) + 1 - length
@@ -252,11 +255,19 @@ class InPlaceAttention(torch.autograd.Function):
         def split(x: torch.Tensor) -> torch.Tensor:
             return x.view(batch, length, num_heads, head_dim).transpose(1, 2)
 
+        def store(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+            if scale is None:
+                return split(x).to(dtype)
+            return split(torch.round(x / scale)).clamp(-128, 127).to(dtype)
+
+        def load(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+            x = x[:, :, : start + length].to(query.dtype)
+            return x if scale is None else x * scale.view(1, num_heads, 1, head_dim)
+
         present_key, present_value = past_key.clone(), past_value.clone()
-        present_key[:, :, start : start + length] = split(key).to(past_key.dtype)
-        present_value[:, :, start : start + length] = split(value).to(past_value.dtype)
-        keys = present_key[:, :, : start + length].to(query.dtype)
-        values = present_value[:, :, : start + length].to(query.dtype)
+        present_key[:, :, start : start + length] = store(key, key_scale, past_key.dtype)
+        present_value[:, :, start : start + length] = store(value, value_scale, past_value.dtype)
+        keys, values = load(present_key, key_scale), load(present_value, value_scale)
         scores = torch.matmul(split(query), keys.transpose(2, 3)) * head_dim**-0.5
         visible = torch.arange(start + length)[None, :] <= torch.arange(length)[:, None] + start
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
@@ -264,10 +275,21 @@ class InPlaceAttention(torch.autograd.Function):
         return out.reshape(batch, length, width), present_key, present_value
 
     @staticmethod
-    def symbolic(g, qkv, past_key, past_value, seqlens_k, total_length, num_heads, head_dim):  # noqa: ANN001, ANN205
+    def symbolic(g, qkv, past_key, past_value, seqlens_k, total_length, key_scale, value_scale, num_heads,  # noqa: ANN001, ANN205
+                 head_dim):  # fmt: skip
         from torch.onnx import symbolic_helper
 
         absent = symbolic_helper._optional_input_placeholder_tensor(g)  # packed q|k|v: no key, no value
+        quantized: dict = {}
+        scales: tuple = ()
+        if not symbolic_helper._is_none(key_scale):
+            # after cos/sin caches, position ids, attention bias, head sink (all absent): the cache's scales
+            scales = (absent,) * 5 + (key_scale, value_scale)
+            quantized = {
+                "k_quant_type_s": "PER_CHANNEL",
+                "v_quant_type_s": "PER_CHANNEL",
+                "kv_cache_bit_width_i": 8,
+            }
         out, present_key, present_value = g.op(
             "com.microsoft::GroupQueryAttention",
             qkv,
@@ -277,9 +299,11 @@ class InPlaceAttention(torch.autograd.Function):
             past_value,
             seqlens_k,
             total_length,
+            *scales,
             num_heads_i=num_heads,
             kv_num_heads_i=num_heads,
             outputs=3,
+            **quantized,
         )
         out.setType(  # one third of the packed width
             qkv.type().with_sizes([None, None, num_heads * head_dim])
@@ -314,7 +338,7 @@ class TextAttention(torch.autograd.Function):
         return out
 
 
-CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 
 
 class FastDecoderGraph(LeanDecoderGraph):
@@ -325,14 +349,38 @@ class FastDecoderGraph(LeanDecoderGraph):
     the runtime binds as both input and output, and the text's cross-attention keys/values as inputs, computed
     once by :class:`TextKVGraph`. ``seqlens_k`` (int32 ``[B]``) is the number of cached positions (= the new
     frame's position), ``total_sequence_length`` (int32 scalar) that + 1. ``cache_dtype=float16`` stores the
-    cache in half precision (half the bytes each step reads; attention then runs in fp16).
+    cache in half precision (half the bytes each step reads; attention then runs in fp16); ``int8`` a quarter,
+    per channel with ``kv_scales`` ``[layers, 2 (key, value), H * D]`` (:func:`tinymusician.onnx.kv_cache.
+    calibrate_kv_scales`), attention in fp32.
     """
 
-    def __init__(self, model: MusicgenForConditionalGeneration, cache_dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        model: MusicgenForConditionalGeneration,
+        cache_dtype: str = "float32",
+        kv_scales: torch.Tensor | None = None,
+    ) -> None:
         super().__init__(model, with_past=True)
         if cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"cache_dtype={cache_dtype!r}: choose from {list(CACHE_DTYPES)}")
         self.cache_dtype = CACHE_DTYPES[cache_dtype]
+        width = self.num_heads * self.head_dim
+        if (kv_scales is not None) != (cache_dtype == "int8"):
+            raise ValueError(
+                f"kv_scales are what an int8 cache needs (and only it); cache_dtype={cache_dtype!r}"
+            )
+        if kv_scales is not None and tuple(kv_scales.shape) != (len(self.layers), 2, width):
+            raise ValueError(
+                f"kv_scales: shape {tuple(kv_scales.shape)}, expected {(len(self.layers), 2, width)}"
+            )
+        # layer i's key and value scales at 2i, 2i + 1: one initializer each (indexing one [layers, 2, width]
+        # tensor would trace into Gather + Squeeze ops)
+        self.kv_scales = None
+        if kv_scales is not None:
+            self.kv_scales = nn.ParameterList(
+                [scale.float().clone() for scale in kv_scales.reshape(-1, width)]
+            )
+            self.kv_scales.requires_grad_(False)
 
     def forward(
         self,
@@ -352,10 +400,12 @@ class FastDecoderGraph(LeanDecoderGraph):
         for index, layer in enumerate(self.layers):
             x = layer.self_attn_layer_norm(hidden)
             qkv = torch.nn.functional.linear(x, self.self_qkv[index])
-            if self.cache_dtype != qkv.dtype:  # the tracer records even a same-type .to() as a Cast
+            # the tracer records even a same-type .to() as a Cast; an int8 cache takes fp32 and quantizes itself
+            if self.cache_dtype.is_floating_point and self.cache_dtype != qkv.dtype:
                 qkv = qkv.to(self.cache_dtype)
+            scales = (None, None) if self.kv_scales is None else self.kv_scales[2 * index : 2 * index + 2]
             attended, *cache = InPlaceAttention.apply(
-                qkv, own[2 * index], own[2 * index + 1], seqlens_k, total_sequence_length, self.num_heads,
+                qkv, own[2 * index], own[2 * index + 1], seqlens_k, total_sequence_length, *scales, self.num_heads,
                 self.head_dim,
             )  # fmt: skip
             if attended.dtype != hidden.dtype:
@@ -480,7 +530,11 @@ def text_kv_spec(model: MusicgenForConditionalGeneration) -> GraphSpec:
     )
 
 
-def fast_decoder_spec(model: MusicgenForConditionalGeneration, cache_dtype: str = "float32") -> GraphSpec:
+def fast_decoder_spec(
+    model: MusicgenForConditionalGeneration,
+    cache_dtype: str = "float32",
+    kv_scales: torch.Tensor | None = None,
+) -> GraphSpec:
     """Example: batch 2, text 5 (padded), a cache of capacity 6 holding 3 positions."""
     config = model.decoder.config
     heads, num_layers = config.num_attention_heads, config.num_hidden_layers
@@ -488,7 +542,7 @@ def fast_decoder_spec(model: MusicgenForConditionalGeneration, cache_dtype: str 
     batch, text_len, capacity, cached = 2, 5, 6, 3
     text_mask = torch.ones(batch, text_len, dtype=torch.long)
     text_mask[1, 3:] = 0
-    graph = FastDecoderGraph(model, cache_dtype)
+    graph = FastDecoderGraph(model, cache_dtype, kv_scales)
     own = [
         torch.zeros(batch, heads, capacity, head_dim, dtype=graph.cache_dtype) for _ in range(2 * num_layers)
     ]

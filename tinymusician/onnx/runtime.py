@@ -325,6 +325,9 @@ def resolve_precisions(precision: str | Mapping[str, str]) -> dict[str, str]:
     return chosen
 
 
+CACHE_TYPES = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}  # else fp32: the fast cache's storage
+
+
 class FastDecoderSteps:
     """The fast decoder's loop state: the text's keys/values (computed once by ``decoder_text_kv``) and one
     ``[R, H, capacity, D]`` buffer per layer's self-attention keys and values, bound as both input and output
@@ -339,7 +342,7 @@ class FastDecoderSteps:
             text_kv_names(num_layers), {"encoder_hidden_states": states, "encoder_attention_mask": mask}
         )
         cache_type = next(i.type for i in self.session.get_inputs() if i.name == cache_names(num_layers)[0])
-        dtype = np.float16 if cache_type == "tensor(float16)" else np.float32
+        dtype = CACHE_TYPES.get(cache_type, np.float32)
         shape = (rows, facts["num_heads"], steps, facts["head_dim"])
         self.keep = [mask, *text_kv]  # the binding reads these arrays' memory: keep them alive
         self.binding = binding = self.session.io_binding()
