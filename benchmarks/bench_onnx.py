@@ -629,6 +629,10 @@ def main() -> None:
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         model_dir, bundle, manifest = prepare(args, scratch)
         facts = manifest["model"]
+        if "fast_decoder" in manifest:
+            print(
+                f"fast decoder's self-attention cache, per precision: {manifest['fast_decoder']['cache_dtype']}"
+            )
         longest = facts["max_frames"] / facts["frame_rate"]
         lengths = [s for s in args.seconds if s <= longest]
         if len(lengths) < len(args.seconds):

@@ -168,6 +168,15 @@ def test_reduced_cache_stays_close_to_fp32(teacher_model, tmp_path, cache_dtype,
     assert error["relative_error"] < 1e-2 and error["top1_agree"] >= 0.98, error
 
 
+def test_unknown_cache_dtype_is_a_clear_error(student_model, tmp_path):
+    from tinymusician.onnx.export import ExportError
+
+    model, tokenizer = student_model
+    with pytest.raises(ExportError, match=r"cache_dtype='bfloat16': choose from \['auto', 'float32'"):
+        export_bundle(model, tokenizer, tmp_path / "never", precisions=["int8"], cache_dtype="bfloat16")
+    assert not (tmp_path / "never").exists()  # refused before anything was written
+
+
 def test_int8_cache_holds_the_rounded_keys_and_values(teacher_model, tmp_path):
     """ONNX Runtime writes round(x / scale) per channel, as InPlaceAttention's torch reference says: the int8
     buffers, times the graph's scales, equal the fp32 cache's keys/values to half a step (where not saturated)."""

@@ -15,7 +15,10 @@ The two fast graphs (default; ``fast_decoder=False`` skips them) are what :class
 the merged decoder (kept as it is for transformers.js) returns a concatenated copy of the whole cache at every
 step, so a step's cost grows with the clip; the fast decoder writes one position of fixed-capacity buffers in
 place (``com.microsoft.GroupQueryAttention``; cross-attention over the text is one
-``com.microsoft.MultiHeadAttention``; see :class:`~tinymusician.onnx.graphs.FastDecoderGraph`).
+``com.microsoft.MultiHeadAttention``; see :class:`~tinymusician.onnx.graphs.FastDecoderGraph`). Its cache is
+fp32 in the fp32 graphs (codes equal the merged decoder's) and int8 in the quantized ones (``cache_dtype="auto"``;
+per-channel scales calibrated on the model's own generation, :mod:`tinymusician.onnx.kv_cache`): a late step
+reads the cache besides the weights, a quarter as many bytes in int8.
 
 Suffixes are transformers.js's (``_quantized`` = its ``q8`` dtype, ``_q4`` = ``q4``), so a per-file dtype map
 such as ``{text_encoder: "q8", decoder_model_merged: "q8", encodec_decode: "fp32"}`` picks them. 8-bit is
