@@ -140,18 +140,17 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = INT4_BLOCK_SIZE) -> 
 
 
 QUANTIZERS = {"fp32": lambda model: model, "int8": quantize_int8, "int4": quantize_int4}
-# cache_dtype="auto": the fp32 graphs keep an fp32 cache (their codes equal the merged decoder's), the quantized
-# ones store it in int8 (a quarter of the bytes a late step reads; their weights are approximate anyway)
-AUTO_CACHE_DTYPES = {"fp32": "float32", "int8": "int8", "int4": "int8"}
 
 
 def resolve_cache_dtypes(cache_dtype: str, precisions: Iterable[str]) -> dict[str, str]:
-    """``precision -> cache dtype`` of the fast decoder graphs (``auto``: :data:`AUTO_CACHE_DTYPES`)."""
+    """``precision -> cache dtype`` of the fast decoder graphs. ``auto``: the fp32 graphs keep an fp32 cache (their
+    codes equal the merged decoder's), every quantized precision stores it in int8 (a quarter of the bytes a late
+    step reads; its weights are approximate anyway)."""
     if cache_dtype != "auto" and cache_dtype not in CACHE_DTYPES:
         raise ExportError(f"cache_dtype={cache_dtype!r}: choose from {['auto', *CACHE_DTYPES]}")
-    return {
-        p: AUTO_CACHE_DTYPES.get(p, "float32") if cache_dtype == "auto" else cache_dtype for p in precisions
-    }
+    if cache_dtype == "auto":
+        return {p: "float32" if p == "fp32" else "int8" for p in precisions}
+    return dict.fromkeys(precisions, cache_dtype)
 
 
 def model_facts(model: MusicgenForConditionalGeneration) -> dict[str, Any]:
