@@ -128,6 +128,7 @@ def split_s8(bundle: Path, manifest: dict) -> dict:
     from tinymusician.onnx.layout import QUANTIZABLE, graph_file
 
     other = bundle.with_name(f"{bundle.name}-s8")
+    shutil.rmtree(other, ignore_errors=True)  # an earlier export's (a --workdir exported again)
     shutil.copytree(bundle, other, copy_function=os.link)
     s8_manifest = json.loads(json.dumps(manifest))
     for graph in QUANTIZABLE:
