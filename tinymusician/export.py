@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     for relative, entry in manifest["files"].items():
         lines.append(f"  {relative:<45} {entry['precision']:<5} {entry['bytes'] / 1e6:9.1f} MB")
+    if "fast_decoder" in manifest:
+        caches = ", ".join(f"{p} {d}" for p, d in manifest["fast_decoder"]["cache_dtype"].items())
+        lines.append(f"  fast decoder's self-attention cache: {caches}")
     status = 0
     if not args.no_check:
         for precision, (line, ok) in check_bundle(model, args.out, manifest["precisions"]).items():

@@ -187,6 +187,7 @@ def test_export_cli_writes_and_checks_a_bundle(tiny_pair, tmp_path, capsys, sing
     assert export_main([str(tiny_pair.student), "--out", str(out), "--precision", "int8"]) == 0
     text = capsys.readouterr().out
     assert "decoder_model_merged_quantized.onnx" in text
+    assert "fast decoder's self-attention cache: int8 int8" in text  # auto: quantized graphs, int8 cache
     error, limit = map(
         float, re.search(r"check int8 .*relative error ([0-9.]+) \(max ([0-9.]+)\)", text).groups()
     )
