@@ -147,17 +147,28 @@ def student_model(tiny_pair):
 
 
 @pytest.fixture(scope="module")
-def teacher_model(tiny_pair):
-    """The trained tiny teacher: its keys and values are a trained model's, which is what int8 scales are for."""
-    return load_musicgen(str(tiny_pair.teacher)), load_tokenizer(str(tiny_pair.teacher))
+def teacher_bundle(tiny_pair, tmp_path_factory):
+    """``cache_dtype -> `` an fp32 bundle of the trained tiny teacher with that fast-decoder cache, exported once
+    (a trained model's keys and values are what int8 scales are for)."""
+    model, tokenizer = load_musicgen(str(tiny_pair.teacher)), load_tokenizer(str(tiny_pair.teacher))
+    root = tmp_path_factory.mktemp("teacher-caches")
+    bundles = {}
+
+    def get(cache_dtype: str):
+        if cache_dtype not in bundles:
+            out = root / cache_dtype
+            manifest = export_bundle(model, tokenizer, out, precisions=["fp32"], cache_dtype=cache_dtype)
+            assert manifest["fast_decoder"]["cache_dtype"] == {"fp32": cache_dtype}
+            bundles[cache_dtype] = out
+        return bundles[cache_dtype]
+
+    return get
 
 
-@pytest.mark.parametrize("cache_dtype,dtype", [("float16", np.float16), ("int8", np.int8)])
-def test_reduced_cache_stays_close_to_fp32(teacher_model, tmp_path, cache_dtype, dtype):
-    model, tokenizer = teacher_model
-    out = tmp_path / f"{cache_dtype}-cache"
-    manifest = export_bundle(model, tokenizer, out, precisions=["fp32"], cache_dtype=cache_dtype)
-    assert manifest["fast_decoder"]["cache_dtype"] == {"fp32": cache_dtype}
+# top-1 bound: fp16 as before (measured 0.9994); int8 measured 0.993 here, bounded with room for other CPUs
+@pytest.mark.parametrize("cache_dtype,dtype,top1", [("float16", np.float16, 0.99), ("int8", np.int8, 0.98)])
+def test_reduced_cache_stays_close_to_fp32(teacher_bundle, cache_dtype, dtype, top1):
+    out = teacher_bundle(cache_dtype)
     fast, merged = pair(out, "fp32").values()
     ids, mask = fast.encode_prompts(PROMPTS)
     decode = fast.decoder_steps(fast.encode_text(ids, mask), mask, 4)
@@ -165,7 +176,7 @@ def test_reduced_cache_stays_close_to_fp32(teacher_model, tmp_path, cache_dtype,
     codes = merged.generate(PROMPTS, 2.0, seed=1, return_codes=True)[1]
     error = relative_logit_error(*(forced_logits(r, PROMPTS, codes)[0] for r in (merged, fast)),
                                  forced_logits(merged, PROMPTS, codes)[1])  # fmt: skip
-    assert error["relative_error"] < 1e-2 and error["top1_agree"] >= 0.98, error
+    assert error["relative_error"] < 1e-2 and error["top1_agree"] >= top1, error
 
 
 def test_unknown_cache_dtype_is_a_clear_error(student_model, tmp_path):
@@ -177,18 +188,14 @@ def test_unknown_cache_dtype_is_a_clear_error(student_model, tmp_path):
     assert not (tmp_path / "never").exists()  # refused before anything was written
 
 
-def test_int8_cache_holds_the_rounded_keys_and_values(teacher_model, tmp_path):
+def test_int8_cache_holds_the_rounded_keys_and_values(teacher_bundle):
     """ONNX Runtime writes round(x / scale) per channel, as InPlaceAttention's torch reference says: the int8
     buffers, times the graph's scales, equal the fp32 cache's keys/values to half a step (where not saturated)."""
     import onnx
     from onnx import numpy_helper
 
-    model, tokenizer = teacher_model
-    runtimes = {}
-    for cache_dtype in ("float32", "int8"):
-        export_bundle(model, tokenizer, tmp_path / cache_dtype, precisions=["fp32"], cache_dtype=cache_dtype)
-        runtimes[cache_dtype] = TinyMusicianONNX(tmp_path / cache_dtype, threads=1)
-    graph = onnx.load(tmp_path / "int8" / "onnx/decoder_fast.onnx").graph
+    runtimes = {d: TinyMusicianONNX(teacher_bundle(d), threads=1) for d in ("float32", "int8")}
+    graph = onnx.load(teacher_bundle("int8") / "onnx/decoder_fast.onnx").graph
     initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
     for node in attention:
