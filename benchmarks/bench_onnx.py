@@ -46,9 +46,10 @@ features (/proc/cpuinfo) the kernels depend on.
 both skip the doubled batch at scale <= 1); ``--decoder-layers N`` keeps only the first N decoder layers (a
 shallower student of the same width). ``bench_student_speed.py`` compares both, reusing this script.
 
-``--int8-weights-too`` also exports ONNX Runtime's default int8 weights (U8S8, the bundle format before
-uint8 weights; it saturates on AVX2 CPUs without VNNI, see tinymusician/onnx/export.py) and times it as
-``ort-int8-s8`` beside the bundle's uint8 weights, to show what exactness costs on this CPU.
+``--int8-weights-too`` also exports every int8 graph with uint8 weights (the fast decoder's too: the bundle
+format before its int8 weights, U8U8 on every CPU) and times it as ``ort-int8-u8`` beside the bundle's int8
+weights (U8S8 where this CPU computes it exactly, else converted to U8U8 at load: tinymusician/onnx/int8_kernel.py),
+to show what the U8S8 kernel buys on this CPU.
 
 ``--workdir DIR`` keeps the saved model and the exported bundles in DIR; a later run with the same model options
 (``--tiny``, ``--decoder-layers``, the comparison precisions its backends name) reuses them instead of exporting
@@ -79,7 +80,7 @@ MERGED = "-merged"  # backend suffix: decoder="merged" (transformers.js's graph)
 MERGED_BACKENDS = ("ort-fp32-merged", "ort-int8-merged", "ort-int4-merged")
 DEFAULT_MERGED = ("ort-int8-merged",)
 PRECISIONS = ("fp32", "int8", "int4")  # what the bundle is exported in
-S8 = "int8-s8"  # the comparison-only precision: int8 (U8S8) weights, exported as onnx/*_int8.onnx
+U8 = "int8-u8"  # the comparison-only precision: uint8 weights in every graph, exported as onnx/*_int8.onnx
 FLOOR_GRAPH = "onnx/decoder_model_merged_quantized.onnx"  # the int8 decoder: its weights set the floor
 STREAM_CHUNKS = "the runtime's default chunks: 0.2 s first, then 0.5 s"
 
@@ -105,50 +106,47 @@ def ort_backend(backend: str) -> tuple[str, str | None]:
     return precision, None
 
 
-def register_s8(exporter: bool = True) -> None:
+def register_u8(exporter: bool = True) -> None:
     """Teach this process the comparison precision (each backend loads in its own); ``exporter``: its quantizer
     too (that imports torch)."""
-    from functools import partial
-
     from tinymusician.onnx import layout
 
-    layout.PRECISIONS[S8] = "_int8"
+    layout.PRECISIONS[U8] = "_int8"
     if exporter:
         from tinymusician.onnx import export
 
-        export.QUANTIZERS[S8] = partial(export.quantize_int8, weights="int8")
+        export.QUANTIZERS[U8] = export.quantize_int8  # uint8; no FAST_QUANTIZERS entry: the fast graphs too
 
 
-def split_s8(bundle: Path, manifest: dict) -> dict:
-    """Move the comparison graphs into ``<bundle>-s8``, a bundle whose ``int8`` are them (hard links, no copy),
+def split_u8(bundle: Path, manifest: dict) -> dict:
+    """Move the comparison graphs into ``<bundle>-u8``, a bundle whose ``int8`` are them (hard links, no copy),
     so the runtime loads both unchanged; the main bundle's manifest is back to fp32, int8, int4."""
     import os
     import shutil
 
     from tinymusician.onnx.layout import QUANTIZABLE, graph_file
 
-    other = bundle.with_name(f"{bundle.name}-s8")
+    other = bundle.with_name(f"{bundle.name}-u8")
     shutil.rmtree(other, ignore_errors=True)  # an earlier export's (a --workdir exported again)
     shutil.copytree(bundle, other, copy_function=os.link)
-    s8_manifest = json.loads(json.dumps(manifest))
+    u8_manifest = json.loads(json.dumps(manifest))
     for graph in QUANTIZABLE:
         legacy, target = f"onnx/{graph}_int8.onnx", graph_file(graph, "int8")
         (other / target).unlink()
         (other / legacy).rename(other / target)
-        s8_manifest["files"][target] = {**manifest["files"].pop(legacy), "precision": "int8"}
-        del s8_manifest["files"][legacy]
+        u8_manifest["files"][target] = {**manifest["files"].pop(legacy), "precision": "int8"}
+        del u8_manifest["files"][legacy]
         (bundle / legacy).unlink()
-    manifest["precisions"].remove(S8)
-    s8_manifest["precisions"] = list(manifest["precisions"])
-    s8_manifest["quantization"]["int8"] = {
-        **manifest["quantization"]["int8"],
-        "weights": "int8",
-        "kernel": "U8S8",
+    manifest["precisions"].remove(U8)
+    u8_manifest["precisions"] = list(manifest["precisions"])
+    u8_manifest["quantization"]["int8"]["fast_decoder"] = {
+        "weights": "uint8, asymmetric, per output channel",
+        "kernel": "U8U8",
     }
-    for path, content in ((bundle, manifest), (other, s8_manifest)):
+    for path, content in ((bundle, manifest), (other, u8_manifest)):
         (path / "manifest.json").unlink()  # a hard link shared by both bundles until now
         (path / "manifest.json").write_text(json.dumps(content, indent=2))
-    return s8_manifest
+    return u8_manifest
 
 
 PROMPT = "lo-fi hip hop beat with warm piano chords and vinyl crackle"
@@ -194,8 +192,8 @@ def worker(args: argparse.Namespace) -> None:
         from tinymusician.onnx.runtime import TinyMusicianONNX
 
         path, (precision, decoder) = args.bundle, ort_backend(args.backend)
-        if precision == S8:
-            path, precision = f"{args.bundle}-s8", "int8"
+        if precision == U8:
+            path, precision = f"{args.bundle}-u8", "int8"
         elif kernels.VARIANT.fullmatch(precision):
             path = f"{args.bundle}-{precision}"  # its own bundle (prepare)
             kernels.register_manifest_variants(path)
@@ -305,8 +303,8 @@ def prepare(
     args: argparse.Namespace, scratch: Path, precisions: Sequence[str] = PRECISIONS
 ) -> tuple[Path, Path, dict]:
     """Save the model (the PyTorch backends load it) and export the bundle in ``precisions`` (none: no export,
-    the manifest is empty), plus the comparison precisions that ``args.backends`` names (ort-int8-s8 in
-    ``<bundle>-s8``, each ort-int4-accA-bB in ``<bundle>-int4-accA-bB``) and the fast decoder graphs when the
+    the manifest is empty), plus the comparison precisions that ``args.backends`` names (ort-int8-u8 in
+    ``<bundle>-u8``, each ort-int4-accA-bB in ``<bundle>-int4-accA-bB``) and the fast decoder graphs when the
     exporter writes them. Each export runs in its own process: quantizing MusicGen-Small in several precisions
     holds over 10 GB, which this process would otherwise keep while the backends run."""
     reused = reuse(args, scratch, precisions)
@@ -328,11 +326,11 @@ def prepare(
     if not precisions:
         return model_dir, bundle, {}
     started = time.perf_counter()
-    precisions = [*precisions, *([S8] if f"ort-{S8}" in args.backends else [])]
+    precisions = [*precisions, *([U8] if f"ort-{U8}" in args.backends else [])]
     manifest = export_in_process(model_dir, bundle, precisions)
-    if S8 in precisions:
-        register_s8(exporter=False)
-        manifest["s8_int8_bytes"] = bundle_mb(split_s8(bundle, manifest), "int8")
+    if U8 in precisions:
+        register_u8(exporter=False)
+        manifest["u8_int8_bytes"] = bundle_mb(split_u8(bundle, manifest), "int8")
     variants = [p for p, _ in map(ort_backend, args.backends) if kernels.VARIANT.fullmatch(p)]
     kernels.register_int4_variants(variants, exporter=False)
     manifest["variant_mb"] = {}
@@ -341,7 +339,7 @@ def prepare(
         manifest["variant_mb"][variant] = bundle_mb(exported, variant)
     print(f"exported {', '.join(precisions + variants)} in {time.perf_counter() - started:.0f} s", flush=True)
     if args.workdir:
-        record = {"options": prepared_options(args, [p for p in precisions if p != S8]), "manifest": manifest}
+        record = {"options": prepared_options(args, [p for p in precisions if p != U8]), "manifest": manifest}
         (scratch / "prepared.json").write_text(json.dumps(record))
     return model_dir, bundle, manifest
 
@@ -353,7 +351,7 @@ def prepared_options(args: argparse.Namespace, precisions: Sequence[str]) -> dic
         "tiny": args.tiny,
         "decoder_layers": args.decoder_layers,
         "precisions": list(precisions),
-        "s8": f"ort-{S8}" in args.backends,
+        "u8": f"ort-{U8}" in args.backends,
         "int4_variants": variants,
     }
 
@@ -369,8 +367,8 @@ def reuse(
         return None
     print(f"reusing the model and bundles in {scratch} (--workdir)", flush=True)
     manifest = record["manifest"]
-    if f"ort-{S8}" in args.backends:
-        register_s8(exporter=False)
+    if f"ort-{U8}" in args.backends:
+        register_u8(exporter=False)
     kernels.register_int4_variants(manifest.get("variant_mb", {}), exporter=False)
     return scratch / "model", scratch / "bundle", manifest
 
@@ -394,8 +392,8 @@ def export_worker(args: argparse.Namespace) -> None:
     from tinymusician.onnx.export import export_bundle
 
     started = time.perf_counter()
-    if S8 in args.precisions:
-        register_s8()
+    if U8 in args.precisions:
+        register_u8()
     kernels.register_int4_variants(args.precisions, exporter=True)
     model = load_musicgen(args.model_dir).eval()
     tokenizer = load_tokenizer(args.model_dir)
@@ -445,9 +443,12 @@ def print_length(
                 f"{stats['stream_rtf']:.3f}, max |streamed - one-shot| {stats['stream_max_diff']:.1e}"
             )
     int8 = best.get("ort-int8")
-    if int8 and f"ort-{S8}" in best:
-        ratio = int8["decoder_step_ms"] / best[f"ort-{S8}"]["decoder_step_ms"]
-        print(f"decoder step, uint8 weights (exact everywhere) / int8 weights (U8S8): {ratio:.2f}x")
+    if int8 and f"ort-{U8}" in best:
+        from tinymusician.onnx.int8_kernel import u8s8_saturates
+
+        kernel = "converted to U8U8: U8S8 saturates here" if u8s8_saturates() else "U8S8, exact here"
+        ratio = best[f"ort-{U8}"]["decoder_step_ms"] / int8["decoder_step_ms"]
+        print(f"decoder step, uint8 weights (U8U8) / the bundle's int8 weights ({kernel}): {ratio:.2f}x")
     int4 = [b for b in best if b.startswith("ort-int4")]
     if int8 and int4:
         print(
@@ -570,7 +571,7 @@ def main() -> None:
         help="ORT backends also stream the same clip: time to first audio, and streamed vs one-shot audio",
     )
     variants = [f"ort-{kernels.variant_precision(v)}" for v in kernels.ALL_VARIANTS]
-    choices = [*BACKENDS, *MERGED_BACKENDS, f"ort-{S8}", *variants]
+    choices = [*BACKENDS, *MERGED_BACKENDS, f"ort-{U8}", *variants]
     parser.add_argument(
         "--backends",
         nargs="+",
@@ -578,13 +579,13 @@ def main() -> None:
         choices=choices,
         metavar="BACKEND",
         help=f"default: {' '.join([*BACKENDS, *DEFAULT_MERGED])}; also {' '.join(MERGED_BACKENDS[::2])}, "
-        f"ort-{S8}, ort-int4-accA-bB",
+        f"ort-{U8}, ort-int4-accA-bB",
     )
     parser.add_argument(
         "--workdir",
         help="keep the saved model and bundles here; a later run with the same DIR and options reuses them",
     )
-    parser.add_argument("--int8-weights-too", action="store_true", help=f"also time ort-{S8} (see above)")
+    parser.add_argument("--int8-weights-too", action="store_true", help=f"also time ort-{U8} (see above)")
     parser.add_argument(
         "--int4-variants",
         nargs="*",
@@ -606,8 +607,8 @@ def main() -> None:
         return
     import numpy as np
 
-    if args.int8_weights_too and f"ort-{S8}" not in args.backends:
-        args.backends.append(f"ort-{S8}")
+    if args.int8_weights_too and f"ort-{U8}" not in args.backends:
+        args.backends.append(f"ort-{U8}")
     if args.int4_variants is not None:
         for variant in args.int4_variants or kernels.DEFAULT_VARIANTS:
             backend = f"ort-{kernels.variant_precision(variant)}"
@@ -686,7 +687,7 @@ def main() -> None:
         "torch-int8": float("nan"),  # see bench_quant.py for PyTorch bundle sizes
         **{f"ort-{p}": bundle_mb(manifest, p) for p in manifest["precisions"]},
         **{f"ort-{p}{MERGED}": bundle_mb(manifest, p) for p in manifest["precisions"]},
-        f"ort-{S8}": manifest.get("s8_int8_bytes", float("nan")),
+        f"ort-{U8}": manifest.get("u8_int8_bytes", float("nan")),
         **{f"ort-{p}": mb for p, mb in manifest.get("variant_mb", {}).items()},
     }
     floor_ms = floor.get("floor_ms")

@@ -120,7 +120,10 @@ def load_bundle(args: argparse.Namespace) -> TinyMusicianONNX:
         verify=not args.no_verify,
         decoder=args.decoder,
     )
-    log.info("ONNX Runtime backend: %s (%s, %s decoder)", args.model, model.precisions, model.decoder)
+    kernel = f"; int8 products: {model.int8_kernel}" if model.decoder == "fast" else ""
+    log.info(
+        "ONNX Runtime backend: %s (%s, %s decoder%s)", args.model, model.precisions, model.decoder, kernel
+    )
     return model
 
 

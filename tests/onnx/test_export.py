@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from tinymusician.models.generation import torch_generate
+from tinymusician.onnx.int8_kernel import PRECISION_MODE, exact_int8_options, probe_is_exact, u8s8_saturates
 from tinymusician.onnx.runtime import TinyMusicianONNX
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -138,8 +139,10 @@ def integer_product_probes(graph: onnx.ModelProto) -> list[tuple[np.ndarray, np.
     return probes
 
 
-def matmul_integer(a: np.ndarray, a_zero: int, b: np.ndarray, b_zero: np.ndarray) -> np.ndarray:
-    """ONNX Runtime's MatMulInteger on this CPU (int32 result)."""
+def matmul_integer(
+    a: np.ndarray, a_zero: int, b: np.ndarray, b_zero: np.ndarray, options: ort.SessionOptions | None = None
+) -> np.ndarray:
+    """ONNX Runtime's MatMulInteger on this CPU (int32 result), with these session options."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = helper.make_graph(
@@ -154,8 +157,32 @@ def matmul_integer(a: np.ndarray, a_zero: int, b: np.ndarray, b_zero: np.ndarray
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    runner = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    runner = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return runner.run(None, {"a": a})[0]
+
+
+def runtime_options(force_conversion: bool = False) -> ort.SessionOptions:
+    """The session options :class:`TinyMusicianONNX` uses for exact int8 products on this CPU; or, forced, the
+    ones it uses on a CPU whose U8S8 kernel saturates."""
+    options = ort.SessionOptions()
+    if force_conversion:
+        options.add_session_config_entry(PRECISION_MODE, "1")
+    else:
+        exact_int8_options(options)
+    return options
+
+
+def assert_exact_products(
+    b: np.ndarray, b_zero: np.ndarray, options: ort.SessionOptions | None = None
+) -> None:
+    """Worst-case activations (all 255) and random ones, against the integer product in NumPy."""
+    rng = np.random.default_rng(0)
+    for a, a_zero in (
+        (np.full((2, b.shape[0]), 255, np.uint8), 0),
+        (rng.integers(0, 256, (3, b.shape[0]), dtype=np.uint8), 117),
+    ):
+        exact = (a.astype(np.int64) - a_zero) @ (b.astype(np.int64) - b_zero.astype(np.int64))
+        np.testing.assert_array_equal(matmul_integer(a, a_zero, b, b_zero, options), exact)
 
 
 @pytest.mark.parametrize("graph", ["decoder_model_merged", "text_encoder"])
@@ -168,15 +195,51 @@ def test_int8_graphs_compute_exact_integer_products_on_this_cpu(bundle, graph):
     assert manifest["quantization"]["int4"]["op"] == "MatMulNBits" and "fp32" not in manifest["quantization"]
     probes = integer_product_probes(onnx.load(bundle / "onnx" / f"{graph}_quantized.onnx"))
     assert probes and all(b.dtype == np.uint8 for b, _ in probes)
-    rng = np.random.default_rng(0)
     extreme = np.full((64, 8), 255, np.uint8), np.zeros(8, np.uint8)  # the largest products, every pair
     for b, b_zero in [extreme, *probes]:
-        for a, a_zero in (
-            (np.full((2, b.shape[0]), 255, np.uint8), 0),
-            (rng.integers(0, 256, (3, b.shape[0]), dtype=np.uint8), 117),
-        ):
-            exact = (a.astype(np.int64) - a_zero) @ (b.astype(np.int64) - b_zero.astype(np.int64))
-            np.testing.assert_array_equal(matmul_integer(a, a_zero, b, b_zero), exact)
+        assert_exact_products(b, b_zero)
+
+
+@pytest.mark.parametrize("graph", ["decoder_fast", "decoder_text_kv"])
+@pytest.mark.parametrize("force_conversion", [False, True], ids=["this-cpu", "converted"])
+def test_fast_int8_graphs_compute_exact_products_with_the_runtimes_options(bundle, graph, force_conversion):
+    """The fast decoder's int8 graphs hold int8 weights (U8S8, faster where VNNI/AMX/ARM compute it exactly), and
+    the runtime's session options make their products exact on this CPU; so does the conversion to uint8 it
+    asks ONNX Runtime for on a CPU whose U8S8 saturates (forced here, so every CPU checks that path)."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["quantization"]["int8"]["fast_decoder"]["weights"].startswith("int8")
+    probes = integer_product_probes(onnx.load(bundle / "onnx" / f"{graph}_quantized.onnx"))
+    assert probes and all(b.dtype == np.int8 for b, _ in probes)
+    extreme = np.full((256, 8), 127, np.int8), np.zeros(8, np.int8)  # every pair saturates a 16-bit sum
+    for b, b_zero in [extreme, *probes]:
+        assert_exact_products(b, b_zero, runtime_options(force_conversion))
+
+
+def test_u8s8_probe_tells_how_a_larger_product_behaves():
+    """The runtime's verdict on this CPU (a 256-deep probe) holds for a decoder-sized worst case: exact when it
+    says U8S8 is exact, not exact (saturated) when it says it saturates; and its options make it exact."""
+    b, b_zero = np.full((1024, 64), 127, np.int8), np.zeros(64, np.int8)
+    a = np.full((2, 1024), 255, np.uint8)
+    exact = 255 * 127 * 1024
+    assert bool(np.all(matmul_integer(a, 0, b, b_zero) == exact)) == (not u8s8_saturates())
+    assert np.all(matmul_integer(a, 0, b, b_zero, runtime_options()) == exact)
+    assert probe_is_exact(runtime_options()) and probe_is_exact(runtime_options(force_conversion=True))
+
+
+def test_runtime_with_converted_int8_weights_gives_the_same_logits(bundle, monkeypatch):
+    """The fast int8 decoder as a CPU with a saturating U8S8 kernel loads it (weights converted to uint8 by ONNX
+    Runtime) gives the logits this CPU's choice gives: both products are exact."""
+    from tinymusician.onnx import int8_kernel
+    from tinymusician.onnx.check import forced_logits
+
+    native = TinyMusicianONNX(bundle, precision="int8", threads=1)
+    codes = native.generate(PROMPTS, 0.5, seed=3, return_codes=True)[1]
+    monkeypatch.setattr(int8_kernel, "u8s8_saturates", lambda: True)
+    converted = TinyMusicianONNX(bundle, precision="int8", threads=1)
+    assert converted.int8_kernel.startswith("U8U8") and native.int8_kernel in ("U8S8", converted.int8_kernel)
+    assert converted.decoder == native.decoder == "fast"
+    expected, where = forced_logits(native, PROMPTS, codes)
+    np.testing.assert_allclose(forced_logits(converted, PROMPTS, codes)[0][where], expected[where], atol=1e-5)
 
 
 # --- command line -----------------------------------------------------------------------------------------

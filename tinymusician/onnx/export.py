@@ -33,12 +33,15 @@ the U8S8 kernel multiplies with VPMADDUBSW, whose pairwise 16-bit sums saturate 
 The session option that avoids it does not reach weights of an ``If`` graph (our merged decoder). U8U8 is
 computed exactly by every kernel (AVX2 widens to 16 bits first, VNNI, ARM NEON/dot-product, WASM), costs
 1.1-1.25x per decoder step over the saturating kernel and keeps the size; ``reduce_range`` (7-bit weights)
-avoids saturation too but loses more accuracy, and 8-bit ``MatMulNBits`` was slower (1.3-1.4x).
+avoids saturation too but loses more accuracy, and 8-bit ``MatMulNBits`` was slower (1.3-1.4x). The fast
+decoder's graphs, which have no ``If`` and which only ONNX Runtime reads, hold int8 weights instead: U8S8 where
+the CPU computes it exactly, converted to uint8 at load where it would not (:mod:`tinymusician.onnx.int8_kernel`).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import tempfile
@@ -89,6 +92,12 @@ QUANTIZATION = {
         "weights": "uint8, asymmetric, per output channel",
         "activations": "uint8, asymmetric, per tensor, dynamic",
         "kernel": "U8U8",
+        # the fast decoder's graphs (ONNX Runtime only, no If subgraph): tinymusician.onnx.int8_kernel
+        "fast_decoder": {
+            "weights": "int8, symmetric, per output channel",
+            "kernel": "U8S8 where the CPU computes it exactly (VNNI, AMX, ARM); elsewhere ONNX Runtime converts "
+            "the weights to uint8 at load (session.x64quantprecision) and runs U8U8",
+        },
     },
     "int4": {
         "method": "onnxruntime.quantization.MatMulNBitsQuantizer",
@@ -102,8 +111,9 @@ QUANTIZATION = {
 def quantize_int8(model: onnx.ModelProto, weights: str = "uint8") -> onnx.ModelProto:
     """Dynamic 8-bit quantization of MatMul weights (ONNX Runtime), per output channel.
 
-    ``weights="uint8"`` (the bundle format): the U8U8 product is exact on every CPU. ``"int8"`` is ONNX Runtime's
-    default (U8S8), which saturates on AVX2 without VNNI (module docstring); kept for comparisons only.
+    ``weights="uint8"`` (the transformers.js graphs): the U8U8 product is exact on every CPU. ``"int8"`` (the fast
+    decoder's graphs) is ONNX Runtime's default (U8S8), which saturates on AVX2 without VNNI (module docstring):
+    the runtime then has ONNX Runtime convert it to uint8 at load (:mod:`tinymusician.onnx.int8_kernel`).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -140,6 +150,8 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = INT4_BLOCK_SIZE) -> 
 
 
 QUANTIZERS = {"fp32": lambda model: model, "int8": quantize_int8, "int4": quantize_int4}
+# the fast decoder's graphs: int8 weights (U8S8), exact on every CPU through the runtime's session option
+FAST_QUANTIZERS = {"int8": functools.partial(quantize_int8, weights="int8")}
 
 
 def resolve_cache_dtypes(cache_dtype: str, precisions: Iterable[str]) -> dict[str, str]:
@@ -283,9 +295,10 @@ def export_bundle(
             first = quantize(onnx.load(traced["decoder_first"]))
             cached = quantize(onnx.load(traced["decoder_cached"]))
             record("decoder_model_merged", precision, merge_decoders(first, cached))
+            quantize_fast = FAST_QUANTIZERS.get(precision, quantize)
             for graph in FAST_GRAPHS if fast_decoder else ():
                 source = f"{graph}_{cache_dtypes[precision]}" if graph == "decoder_fast" else graph
-                record(graph, precision, quantize(onnx.load(traced[source])))
+                record(graph, precision, quantize_fast(onnx.load(traced[source])))
     for relative, entry in files.items():
         entry["sha256"] = file_sha256(out / relative)
 
@@ -300,7 +313,11 @@ def export_bundle(
         "opset": opset,
         "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
         "precisions": precisions,
-        "quantization": {p: QUANTIZATION[p] for p in precisions if p in QUANTIZATION},
+        "quantization": {
+            p: {k: v for k, v in QUANTIZATION[p].items() if fast_decoder or k != "fast_decoder"}
+            for p in precisions
+            if p in QUANTIZATION
+        },
         "graphs": [*GRAPHS, *(FAST_GRAPHS if fast_decoder else ())],
         "files": files,
         "model": model_facts(model),

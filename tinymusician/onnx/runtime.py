@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from tinymusician.models.generation import GenerationError
+from tinymusician.onnx.int8_kernel import exact_int8_options
 from tinymusician.onnx.layout import (
     DECODER_INPUTS,
     FAST_DECODER_INPUTS,
@@ -438,6 +439,8 @@ class TinyMusicianONNX:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
         options.inter_op_num_threads = 1
+        # int8-weight graphs (the fast decoder's): U8S8, or U8U8 on a CPU where U8S8 would saturate
+        self.int8_kernel = exact_int8_options(options)
         self.sessions = {}
         for graph, relative in files.items():
             try:
