@@ -226,6 +226,18 @@ def test_u8s8_probe_tells_how_a_larger_product_behaves():
     assert probe_is_exact(runtime_options()) and probe_is_exact(runtime_options(force_conversion=True))
 
 
+def test_a_cpu_where_no_option_makes_int8_exact_is_warned_about(monkeypatch, caplog):
+    """If ONNX Runtime's conversion did not make the products exact (a CPU it does not cover), the runtime says so
+    and names what to use instead, rather than generating from saturated products in silence."""
+    from tinymusician.onnx import int8_kernel
+
+    monkeypatch.setattr(int8_kernel, "u8s8_saturates", lambda: True)
+    monkeypatch.setattr(int8_kernel, "converted_is_exact", lambda: False)
+    with caplog.at_level("WARNING", logger=int8_kernel.__name__):
+        kernel = exact_int8_options(ort.SessionOptions())
+    assert "not exact" in kernel and "decoder='merged'" in caplog.text and PRECISION_MODE in caplog.text
+
+
 def test_runtime_with_converted_int8_weights_gives_the_same_logits(bundle, monkeypatch):
     """The fast int8 decoder as a CPU with a saturating U8S8 kernel loads it (weights converted to uint8 by ONNX
     Runtime) gives the logits this CPU's choice gives: both products are exact."""

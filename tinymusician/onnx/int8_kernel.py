@@ -99,4 +99,21 @@ def exact_int8_options(options: Any) -> str:
     if not u8s8_saturates():
         return "U8S8"
     options.add_session_config_entry(PRECISION_MODE, "1")
+    if not converted_is_exact():
+        log.warning(
+            "ONNX Runtime's int8 products are not exact on this CPU even with %s=1: the fast decoder's int8 graphs "
+            "will err; use precision='int4' or 'fp32', or decoder='merged' (uint8 weights)",
+            PRECISION_MODE,
+        )
+        return "U8S8 (saturating: not exact on this CPU)"
     return "U8U8 (int8 weights converted at load: this CPU's U8S8 kernel saturates)"
+
+
+@functools.cache
+def converted_is_exact() -> bool:
+    """Whether the probe is exact with ONNX Runtime's conversion to uint8 (x64 only; asked once per process)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry(PRECISION_MODE, "1")
+    return probe_is_exact(options)
