@@ -120,7 +120,7 @@ def load_bundle(args: argparse.Namespace) -> TinyMusicianONNX:
         verify=not args.no_verify,
         decoder=args.decoder,
     )
-    kernel = f"; int8 products: {model.int8_kernel}" if model.decoder == "fast" else ""
+    kernel = f"; int8 products: {model.int8_kernel}" if model.int8_kernel else ""
     log.info(
         "ONNX Runtime backend: %s (%s, %s decoder%s)", args.model, model.precisions, model.decoder, kernel
     )

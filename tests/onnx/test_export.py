@@ -249,6 +249,8 @@ def test_runtime_with_converted_int8_weights_gives_the_same_logits(bundle, monke
     monkeypatch.setattr(int8_kernel, "u8s8_saturates", lambda: True)
     converted = TinyMusicianONNX(bundle, precision="int8", threads=1)
     assert converted.int8_kernel.startswith("U8U8") and native.int8_kernel in ("U8S8", converted.int8_kernel)
+    merged = TinyMusicianONNX(bundle, precision="int8", decoder="merged", threads=1)
+    assert merged.int8_kernel == "U8U8" and TinyMusicianONNX(bundle, precision="int4").int8_kernel is None
     assert converted.decoder == native.decoder == "fast"
     expected, where = forced_logits(native, PROMPTS, codes)
     np.testing.assert_allclose(forced_logits(converted, PROMPTS, codes)[0][where], expected[where], atol=1e-5)
