@@ -161,6 +161,10 @@ def matmul_integer(
     return runner.run(None, {"a": a})[0]
 
 
+# what ONNX Runtime's optimizer turns the quantizer's MatMulInteger (+ scale) into; input 1 is the weight
+INTEGER_MATMULS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+
+
 def runtime_options(force_conversion: bool = False) -> ort.SessionOptions:
     """The session options :class:`TinyMusicianONNX` uses for exact int8 products on this CPU; or, forced, the
     ones it uses on a CPU whose U8S8 kernel saturates."""
@@ -202,7 +206,9 @@ def test_int8_graphs_compute_exact_integer_products_on_this_cpu(bundle, graph):
 
 @pytest.mark.parametrize("graph", ["decoder_fast", "decoder_text_kv"])
 @pytest.mark.parametrize("force_conversion", [False, True], ids=["this-cpu", "converted"])
-def test_fast_int8_graphs_compute_exact_products_with_the_runtimes_options(bundle, graph, force_conversion):
+def test_fast_int8_graphs_compute_exact_products_with_the_runtimes_options(
+    bundle, graph, force_conversion, tmp_path
+):
     """The fast decoder's int8 graphs hold int8 weights (U8S8, faster where VNNI/AMX/ARM compute it exactly), and
     the runtime's session options make their products exact on this CPU; so does the conversion to uint8 it
     asks ONNX Runtime for on a CPU whose U8S8 saturates (forced here, so every CPU checks that path)."""
@@ -213,6 +219,14 @@ def test_fast_int8_graphs_compute_exact_products_with_the_runtimes_options(bundl
     extreme = np.full((256, 8), 127, np.int8), np.zeros(8, np.int8)  # every pair saturates a 16-bit sum
     for b, b_zero in [extreme, *probes]:
         assert_exact_products(b, b_zero, runtime_options(force_conversion))
+    if force_conversion:  # on a CPU where both products are exact, check that the conversion happened at all
+        options = runtime_options(force_conversion=True)
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(str(bundle / "onnx" / f"{graph}_quantized.onnx"), options)
+        optimized = onnx.load(options.optimized_model_filepath)
+        types = {t.name: t.data_type for t in optimized.graph.initializer}
+        integer_ops = [n for n in optimized.graph.node if n.op_type in INTEGER_MATMULS]
+        assert integer_ops and all(types[n.input[1]] == onnx.TensorProto.UINT8 for n in integer_ops)
 
 
 def test_u8s8_probe_tells_how_a_larger_product_behaves():

@@ -1,8 +1,8 @@
 """Which 8-bit integer product ONNX Runtime computes exactly on this CPU, and the session option that makes it so.
 
 The fast decoder's int8 graphs hold **int8 weights** (ONNX Runtime's default, the U8S8 kernel): VNNI (AVX-512
-or AVX-VNNI), AMX and ARM compute U8S8 exactly and faster than U8U8 (1.17x per MusicGen-Small step on a VNNI +
-AMX Xeon). x86 CPUs with AVX2 or AVX-512 but without VNNI multiply with VPMADDUBSW, whose pairwise 16-bit sums
+or AVX-VNNI), AMX and ARM compute U8S8 exactly and faster than U8U8 (per MusicGen-Small step: 1.17x on a VNNI +
+AMX Xeon, 1.10-1.15x on an AVX-512 VNNI EPYC). x86 CPUs with AVX2 or AVX-512 but without VNNI multiply with VPMADDUBSW, whose pairwise 16-bit sums
 saturate (2 x 255 x 127 > 32767). There ONNX Runtime's ``session.x64quantprecision`` option rewrites every int8
 weight to uint8 (+128, zero point +128: the same values) when the session loads, so the product is U8U8 and exact.
 The option is not set unconditionally: ONNX Runtime's own test for "this CPU saturates" is coarse and also fires
@@ -23,9 +23,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-PRECISION_MODE = (
-    "session.x64quantprecision"  # ONNX Runtime: "1" = int8 weights become uint8 on saturating CPUs
-)
+# ONNX Runtime's session option: "1" = int8 weights become uint8 at load on CPUs it considers saturating
+PRECISION_MODE = "session.x64quantprecision"
 PROBE_DEPTH = 256  # the products summed per output: 128 saturating pairs
 PROBE_ROWS = (1, 2, 4)  # the decoder's row counts (one pass, CFG, a batch of two under CFG)
 
