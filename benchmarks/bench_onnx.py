@@ -444,9 +444,11 @@ def print_length(
             )
     int8 = best.get("ort-int8")
     if int8 and f"ort-{U8}" in best:
-        from tinymusician.onnx.int8_kernel import u8s8_saturates
+        import onnxruntime as ort
 
-        kernel = "converted to U8U8: U8S8 saturates here" if u8s8_saturates() else "U8S8, exact here"
+        from tinymusician.onnx.int8_kernel import exact_int8_options
+
+        kernel = exact_int8_options(ort.SessionOptions())  # what the bundle's int8 weights run here
         ratio = best[f"ort-{U8}"]["decoder_step_ms"] / int8["decoder_step_ms"]
         print(f"decoder step, uint8 weights (U8U8) / the bundle's int8 weights ({kernel}): {ratio:.2f}x")
     int4 = [b for b in best if b.startswith("ort-int4")]

@@ -142,8 +142,8 @@ def test_unwritable_or_damaged_cache_only_costs_a_rehash(bundle, tmp_path, monke
         ({"min_frames": 2}, r"model.min_frames=2, but .* need at least 7"),
         ({"frame_rate": 25}, r"model.frame_rate=25 but the codec"),
         (
-            {"format_version": 2},
-            r"format_version=2 is not supported; this tinymusician reads format_version \[1\]",
+            {"format_version": 3},
+            r"format_version=3 is not supported; this tinymusician reads format_version \[1, 2\]",
         ),
         ({"format_version": "1"}, r"format_version='1' is not supported"),
     ],

@@ -4,6 +4,7 @@ self-check's error measure, and the export command line (on the tiny student and
 from __future__ import annotations
 
 import json
+import platform
 import re
 
 import numpy as np
@@ -161,6 +162,8 @@ def matmul_integer(
     return runner.run(None, {"a": a})[0]
 
 
+# ONNX Runtime converts int8 weights to uint8 (session.x64quantprecision) on x86 only
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 # what ONNX Runtime's optimizer turns the quantizer's MatMulInteger (+ scale) into; input 1 is the weight
 INTEGER_MATMULS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
@@ -219,7 +222,7 @@ def test_fast_int8_graphs_compute_exact_products_with_the_runtimes_options(
     extreme = np.full((256, 8), 127, np.int8), np.zeros(8, np.int8)  # every pair saturates a 16-bit sum
     for b, b_zero in [extreme, *probes]:
         assert_exact_products(b, b_zero, runtime_options(force_conversion))
-    if force_conversion:  # on a CPU where both products are exact, check that the conversion happened at all
+    if force_conversion and X86:  # where both products are exact, check that the conversion happened at all
         options = runtime_options(force_conversion=True)
         options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
         ort.InferenceSession(str(bundle / "onnx" / f"{graph}_quantized.onnx"), options)
@@ -252,6 +255,49 @@ def test_a_cpu_where_no_option_makes_int8_exact_is_warned_about(monkeypatch, cap
     assert "not exact" in kernel and "decoder='merged'" in caplog.text and PRECISION_MODE in caplog.text
 
 
+def test_shared_int8_weights_are_unshared_so_the_conversion_loads():
+    """quantize_dynamic may feed one int8 weight to two matmuls; ONNX Runtime's conversion to uint8 then fails to
+    load the graph (on x86, where it converts). The exporter gives each node its own copy, same products."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tinymusician.onnx.export import unshare_initializers
+
+    b = np.random.default_rng(0).integers(-128, 128, (32, 8), dtype=np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", [x, "b"], [f"y{x}"]) for x in ("a", "c")],
+        "shared",
+        [helper.make_tensor_value_info(x, TensorProto.UINT8, [2, 32]) for x in ("a", "c")],
+        [helper.make_tensor_value_info(f"y{x}", TensorProto.INT32, None) for x in ("a", "c")],
+        [numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    forced = runtime_options(force_conversion=True)
+    if X86:
+        with pytest.raises(Exception, match="replace the existing tensor"):
+            ort.InferenceSession(model.SerializeToString(), forced, providers=["CPUExecutionProvider"])
+    unshared = unshare_initializers(model)
+    assert (
+        len(unshared.graph.initializer) == 2
+        and unshared.graph.node[0].input[1] != unshared.graph.node[1].input[1]
+    )
+    session = ort.InferenceSession(unshared.SerializeToString(), forced, providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(1).integers(0, 256, (2, 32), dtype=np.uint8)
+    for result in session.run(None, {"a": a, "c": a}):
+        np.testing.assert_array_equal(result, a.astype(np.int64) @ b.astype(np.int64))
+
+
+def test_only_a_fast_int8_decoder_runs_the_probe(bundle, monkeypatch):
+    """fp32, int4 and the merged decoder need no probe (nor the onnx import it costs)."""
+    from tinymusician.onnx import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "exact_int8_options", lambda options: calls.append(options) or "U8S8")
+    for precision, decoder in (("fp32", "auto"), ("int4", "auto"), ("int8", "merged")):
+        TinyMusicianONNX(bundle, precision=precision, decoder=decoder, threads=1)
+    assert not calls
+    assert TinyMusicianONNX(bundle, precision="int8", threads=1).int8_kernel == "U8S8" and len(calls) == 1
+
+
 def test_runtime_with_converted_int8_weights_gives_the_same_logits(bundle, monkeypatch):
     """The fast int8 decoder as a CPU with a saturating U8S8 kernel loads it (weights converted to uint8 by ONNX
     Runtime) gives the logits this CPU's choice gives: both products are exact."""
@@ -266,6 +312,9 @@ def test_runtime_with_converted_int8_weights_gives_the_same_logits(bundle, monke
     merged = TinyMusicianONNX(bundle, precision="int8", decoder="merged", threads=1)
     assert merged.int8_kernel == "U8U8" and TinyMusicianONNX(bundle, precision="int4").int8_kernel is None
     assert converted.decoder == native.decoder == "fast"
+    for graph in ("decoder_fast", "decoder_text_kv"):  # the option reaches the sessions that need it
+        config = converted.sessions[graph].get_session_options().get_session_config_entry(PRECISION_MODE)
+        assert config == "1", graph
     expected, where = forced_logits(native, PROMPTS, codes)
     np.testing.assert_allclose(forced_logits(converted, PROMPTS, codes)[0][where], expected[where], atol=1e-5)
 

@@ -41,7 +41,6 @@ the CPU computes it exactly, converted to uint8 at load where it would not (:mod
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import logging
 import tempfile
@@ -150,8 +149,34 @@ def quantize_int4(model: onnx.ModelProto, block_size: int = INT4_BLOCK_SIZE) -> 
 
 
 QUANTIZERS = {"fp32": lambda model: model, "int8": quantize_int8, "int4": quantize_int4}
+
+
+def unshare_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every node its own copy of an int8 initializer it shares with another: ONNX Runtime's conversion of
+    int8 weights to uint8 (``session.x64quantprecision``, set on CPUs whose U8S8 kernel saturates) fails to load a
+    graph whose int8 initializer feeds two nodes ("Attempt to replace the existing tensor")."""
+    initializers = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    seen: set[str] = set()
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name not in initializers:
+                continue
+            if name in seen:
+                duplicate = copy.deepcopy(initializers[name])
+                duplicate.name = f"{name}_for_{node.name or node.output[0]}"
+                model.graph.initializer.append(duplicate)
+                node.input[i] = duplicate.name
+            seen.add(name)
+    return model
+
+
+def quantize_fast_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The fast decoder's int8 graphs: int8 weights (U8S8), none shared between nodes (:func:`unshare_initializers`)."""
+    return unshare_initializers(quantize_int8(model, weights="int8"))
+
+
 # the fast decoder's graphs: int8 weights (U8S8), exact on every CPU through the runtime's session option
-FAST_QUANTIZERS = {"int8": functools.partial(quantize_int8, weights="int8")}
+FAST_QUANTIZERS = {"int8": quantize_fast_int8}
 
 
 def resolve_cache_dtypes(cache_dtype: str, precisions: Iterable[str]) -> dict[str, str]:
@@ -297,8 +322,8 @@ def export_bundle(
             record("decoder_model_merged", precision, merge_decoders(first, cached))
             quantize_fast = FAST_QUANTIZERS.get(precision, quantize)
             for graph in FAST_GRAPHS if fast_decoder else ():
-                source = f"{graph}_{cache_dtypes[precision]}" if graph == "decoder_fast" else graph
-                record(graph, precision, quantize_fast(onnx.load(traced[source])))
+                name = f"{graph}_{cache_dtypes[precision]}" if graph == "decoder_fast" else graph
+                record(graph, precision, quantize_fast(onnx.load(traced[name])))
     for relative, entry in files.items():
         entry["sha256"] = file_sha256(out / relative)
 

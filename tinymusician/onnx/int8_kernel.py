@@ -2,7 +2,7 @@
 
 The fast decoder's int8 graphs hold **int8 weights** (ONNX Runtime's default, the U8S8 kernel): VNNI (AVX-512
 or AVX-VNNI), AMX and ARM compute U8S8 exactly and faster than U8U8 (per MusicGen-Small step: 1.17x on a VNNI +
-AMX Xeon, 1.10-1.15x on an AVX-512 VNNI EPYC). x86 CPUs with AVX2 or AVX-512 but without VNNI multiply with VPMADDUBSW, whose pairwise 16-bit sums
+AMX Xeon, 1.10-1.15x on an AVX-512 VNNI EPYC). Loading such a graph is the only thing that runs the probe. x86 CPUs with AVX2 or AVX-512 but without VNNI multiply with VPMADDUBSW, whose pairwise 16-bit sums
 saturate (2 x 255 x 127 > 32767). There ONNX Runtime's ``session.x64quantprecision`` option rewrites every int8
 weight to uint8 (+128, zero point +128: the same values) when the session loads, so the product is U8U8 and exact.
 The option is not set unconditionally: ONNX Runtime's own test for "this CPU saturates" is coarse and also fires

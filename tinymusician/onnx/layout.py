@@ -7,8 +7,10 @@ directory loads there; nothing here imports torch or onnxruntime.
 from __future__ import annotations
 
 FORMAT = "tinymusician-onnx"  # manifest.json "format"
-FORMAT_VERSION = 1  # what the exporter writes
-FORMAT_VERSIONS = (1,)  # manifest.json format_version values the runtime reads
+# 2: the fast decoder's int8 graphs hold int8 weights, which need the runtime's session option on CPUs whose U8S8
+# kernel saturates (tinymusician.onnx.int8_kernel); a version-1 runtime would run them without it
+FORMAT_VERSION = 2  # what the exporter writes
+FORMAT_VERSIONS = (1, 2)  # manifest.json format_version values the runtime reads
 
 GRAPHS = ("text_encoder", "decoder_model_merged", "encodec_decode")
 # The fast decoder (one step over an in-place self-attention cache) and the graph giving it the text's keys and

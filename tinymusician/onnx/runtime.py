@@ -439,8 +439,7 @@ class TinyMusicianONNX:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
         options.inter_op_num_threads = 1
-        # int8-weight graphs (the fast decoder's): U8S8, or U8U8 on a CPU where U8S8 would saturate
-        self.int8_kernel = self.decoder_int8_kernel(exact_int8_options(options))
+        self.int8_kernel = self.decoder_int8_kernel(options)
         self.sessions = {}
         for graph, relative in files.items():
             try:
@@ -466,14 +465,16 @@ class TinyMusicianONNX:
         self.pad_text_id = self.tokenizer.token_to_id(self._tokenizer_pad()) or 0
         self.last_stats: dict[str, float] = {}
 
-    def decoder_int8_kernel(self, int8_weights_kernel: str) -> str | None:
-        """The integer product the decoder's matmuls run (None: not an int8 decoder). The merged decoder, and fast
-        graphs exported before they held int8 weights, have uint8 weights: U8U8 on every CPU."""
+    def decoder_int8_kernel(self, options: Any) -> str | None:
+        """The integer product the decoder's matmuls run (None: not an int8 decoder). The fast decoder's int8
+        weights run U8S8, or U8U8 where U8S8 would saturate (``options`` then get the session option that converts
+        them; :mod:`~tinymusician.onnx.int8_kernel`, probed only here). The merged decoder, and fast graphs exported
+        before they held int8 weights, have uint8 weights: U8U8 on every CPU."""
         if self.precisions["decoder_model_merged"] != "int8":
             return None
         fast = (self.manifest.get("quantization", {}).get("int8") or {}).get("fast_decoder") or {}
         if self.decoder == "fast" and str(fast.get("weights", "")).startswith("int8"):
-            return int8_weights_kernel
+            return exact_int8_options(options)
         return "U8U8"
 
     # --- validation ---------------------------------------------------------------------------------------
