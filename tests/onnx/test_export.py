@@ -13,7 +13,13 @@ import onnxruntime as ort
 import pytest
 
 from tinymusician.models.generation import torch_generate
-from tinymusician.onnx.int8_kernel import PRECISION_MODE, exact_int8_options, probe_is_exact, u8s8_saturates
+from tinymusician.onnx.int8_kernel import (
+    PRECISION_MODE,
+    conversion_options,
+    exact_int8_options,
+    probe_is_exact,
+    u8s8_saturates,
+)
 from tinymusician.onnx.runtime import TinyMusicianONNX
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -171,11 +177,10 @@ INTEGER_MATMULS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFlo
 def runtime_options(force_conversion: bool = False) -> ort.SessionOptions:
     """The session options :class:`TinyMusicianONNX` uses for exact int8 products on this CPU; or, forced, the
     ones it uses on a CPU whose U8S8 kernel saturates."""
-    options = ort.SessionOptions()
     if force_conversion:
-        options.add_session_config_entry(PRECISION_MODE, "1")
-    else:
-        exact_int8_options(options)
+        return conversion_options()
+    options = ort.SessionOptions()
+    exact_int8_options(options)
     return options
 
 

@@ -108,11 +108,16 @@ def exact_int8_options(options: Any) -> str:
     return "U8U8 (int8 weights converted at load: this CPU's U8S8 kernel saturates)"
 
 
-@functools.cache
-def converted_is_exact() -> bool:
-    """Whether the probe is exact with ONNX Runtime's conversion to uint8 (x64 only; asked once per process)."""
+def conversion_options() -> Any:
+    """Session options with ONNX Runtime's conversion of int8 weights to uint8 turned on (x64 only)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.add_session_config_entry(PRECISION_MODE, "1")
-    return probe_is_exact(options)
+    return options
+
+
+@functools.cache
+def converted_is_exact() -> bool:
+    """Whether the probe is exact with ONNX Runtime's conversion to uint8 (asked once per process)."""
+    return probe_is_exact(conversion_options())
